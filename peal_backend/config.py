@@ -1,0 +1,167 @@
+"""Every setting, read once from the environment.
+
+Label Studio's conventional names are kept (LABEL_STUDIO_URL, MODEL_DIR, ...); our own start with
+PEAL_. `Settings.from_env()` is the only place that reads the environment; everything else receives a
+`Settings`. The README's settings table is generated from `SETTINGS` below
+(`python -m peal_backend.config --markdown`), so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+def _env(name: str, default: Any, doc: str, kind: type | str = str, choices: tuple = ()):
+    return field(default=default, metadata={"env": name, "doc": doc, "kind": kind, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Label Studio and the server -------------------------------------------------------------
+    label_studio_url: str = _env("LABEL_STUDIO_URL", "http://localhost:8080",
+                                 "Base URL of Label Studio, used for its API and to fetch /data/... images.")
+    label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "",
+                                     "Label Studio API token: legacy token or personal access token (JWT refresh token).")
+    model_dir: str = _env("MODEL_DIR", "./models",
+                          "Where model versions are stored: MODEL_DIR/<project>/<version>/. Share it between server and workers.")
+    log_level: str = _env("LOG_LEVEL", "INFO", "Python logging level.")
+    port: int = _env("PORT", 9090, "Port for `peal-backend serve`.", int)
+    basic_auth_user: str = _env("BASIC_AUTH_USER", "", "If set (with BASIC_AUTH_PASS), every endpoint but /health requires HTTP basic auth.")
+    basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for basic auth.")
+    redis_url: str = _env("REDIS_URL", "",
+                          "If set, training jobs go to an RQ queue on this Redis and `peal-backend worker` runs them; "
+                          "if empty, an in-process background worker runs them (embedded default).")
+    queue_name: str = _env("PEAL_QUEUE", "peal", "RQ queue name.")
+
+    # --- Model ---------------------------------------------------------------------------------
+    backbone: str = _env("PEAL_BACKBONE", "facebook/dinov2-small",
+                         "DINOv2 backbone: a hub id, a local folder saved with save_pretrained, or `peal-mini` "
+                         "(the small backbone shipped in the package, works offline).")
+    adapter: str = _env("PEAL_ADAPTER", "lora", "How the backbone is adapted: lora, linear (probe, frozen backbone) or prompt (visual prompt tuning).",
+                        str, ("lora", "linear", "prompt"))
+    lora_rank: int = _env("PEAL_LORA_RANK", 8, "LoRA rank r.", int)
+    lora_alpha: float = _env("PEAL_LORA_ALPHA", 16.0, "LoRA alpha (scale = alpha / r).", float)
+    lora_dropout: float = _env("PEAL_LORA_DROPOUT", 0.1, "Dropout on the LoRA branch.", float)
+    lora_targets: str = _env("PEAL_LORA_TARGETS", "query,value", "Comma-separated module names that get LoRA (DINOv2: query, key, value, dense, fc1, fc2).")
+    lora_last_k: int = _env("PEAL_LORA_LAST_K", 0, "Put LoRA only in the last K transformer blocks (0 = all blocks).", int)
+    prompt_tokens: int = _env("PEAL_PROMPT_TOKENS", 8, "Number of learnable prompt tokens for the prompt adapter.", int)
+    prompt_deep: bool = _env("PEAL_PROMPT_DEEP", False, "Deep visual prompts (new tokens at every block) instead of shallow (first block only).", bool)
+    features: str = _env("PEAL_FEATURES", "cls+mean", "What the head sees: cls (CLS token) or cls+mean (CLS and mean patch token).",
+                         str, ("cls", "cls+mean"))
+    image_size: int = _env("PEAL_IMAGE_SIZE", 224, "Images are resized to this square size (multiple of the patch size).", int)
+    batch_size: int = _env("PEAL_BATCH_SIZE", 32, "Batch size for training and scoring.", int)
+    device: str = _env("PEAL_DEVICE", "cpu", "Torch device: cpu, cuda, cuda:0, ...")
+    precision: str = _env("PEAL_PRECISION", "fp32", "Inference precision: fp32, bf16 (autocast) or auto (bf16 where the CPU supports it).",
+                          str, ("fp32", "bf16", "auto"))
+    threshold: float = _env("PEAL_THRESHOLD", 0.5, "Multiple-choice configs: choices with probability above this are predicted.", float)
+
+    # --- Training --------------------------------------------------------------------------------
+    epochs: int = _env("PEAL_EPOCHS", 10, "Epochs per training cycle.", int)
+    learning_rate: float = _env("PEAL_LR", 0.002, "SGD learning rate (momentum 0.9, weight decay 5e-4, cosine schedule).", float)
+    head_lr_multiplier: float = _env("PEAL_HEAD_LR_MULT", 10.0, "The linear head learns this many times faster than the adapter.", float)
+    calibration: bool = _env("PEAL_CALIBRATION", False, "Add C-PEAL's uncertainty-calibration loss to cross-entropy.", bool)
+    calibration_weight: float = _env("PEAL_CALIBRATION_WEIGHT", 1.0, "Weight lambda of the calibration loss (annealed from 0 over the first epochs).", float)
+    warm_start: bool = _env("PEAL_WARM_START", False, "Start each cycle from the last version instead of the pretrained weights.", bool)
+    seed: int = _env("PEAL_SEED", 0, "Random seed for training and selection.", int)
+    retrain_every: int = _env("PEAL_RETRAIN_EVERY", 1, "Retrain after this many new or changed annotations (START_TRAINING always retrains).", int)
+    keep_versions: int = _env("PEAL_KEEP_VERSIONS", 5, "Model versions kept per project; older ones are pruned.", int)
+    push_predictions: bool = _env("PEAL_PUSH_PREDICTIONS", True, "After training, score the unlabeled pool and push predictions to Label Studio.", bool)
+    set_uncertainty_sampling: bool = _env("PEAL_SET_UNCERTAINTY_SAMPLING", False, "After training, set the project's sampling to \"Uncertainty sampling\".", bool)
+
+    # --- Acquisition -----------------------------------------------------------------------------
+    strategy: str = _env("PEAL_STRATEGY", "entropy", "Acquisition strategy ordering the queue.", str,
+                         ("random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust"))
+    balance: bool = _env("PEAL_BALANCE", False, "Class-balance the strategy's picks (PEAL / C-PEAL scheme).", bool)
+    candidate_fraction: float = _env("PEAL_CANDIDATE_FRACTION", 0.1, "Class balancing chooses among this top fraction of the strategy's ranking.", float)
+    budget: int = _env("PEAL_BUDGET", 0, "Batch size the strategy selects each cycle (0 = number of classes).", int)
+
+    # --- Images ----------------------------------------------------------------------------------
+    cache_dir: str = _env("PEAL_CACHE_DIR", "", "Image cache folder (default: MODEL_DIR/.cache/images).")
+    allowed_hosts: str = _env("PEAL_ALLOWED_HOSTS", "",
+                              "Comma-separated extra hosts images may be fetched from; the Label Studio host is always allowed. `*` allows any host.")
+    fetch_timeout: float = _env("PEAL_FETCH_TIMEOUT", 10.0, "Seconds before an image fetch gives up.", float)
+    max_image_bytes: int = _env("PEAL_MAX_IMAGE_BYTES", 50_000_000, "Largest image file fetched, in bytes.", int)
+    max_image_pixels: int = _env("PEAL_MAX_IMAGE_PIXELS", 100_000_000, "Largest decoded image, in pixels (decompression-bomb guard).", int)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise SettingsError(f"{f.metadata['env']}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        if self.image_size <= 0 or self.batch_size <= 0:
+            raise SettingsError("PEAL_IMAGE_SIZE and PEAL_BATCH_SIZE must be positive")
+        if not 0 < self.candidate_fraction <= 1:
+            raise SettingsError(f"PEAL_CANDIDATE_FRACTION={self.candidate_fraction}: must be in (0, 1]")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            if name in environ and environ[name] != "":
+                values[f.name] = _parse(name, environ[name], f.metadata["kind"])
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+
+    @property
+    def image_cache_dir(self) -> str:
+        return self.cache_dir or os.path.join(self.model_dir, ".cache", "images")
+
+    def redacted(self) -> dict:
+        """Settings as a dict with secrets hidden, safe to log or return over HTTP."""
+        out = dataclasses.asdict(self)
+        for key in ("label_studio_api_key", "basic_auth_pass"):
+            if out[key]:
+                out[key] = "***"
+        if out["redis_url"] and "@" in out["redis_url"]:
+            out["redis_url"] = "redis://***@" + out["redis_url"].split("@", 1)[1]
+        return out
+
+
+def _parse(name: str, raw: str, kind) -> Any:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default != "" else "(empty)"
+        doc = f.metadata["doc"]
+        if f.metadata["choices"]:
+            doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+        rows.append(f"| `{f.metadata['env']}` | `{default}` | {doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if "--markdown" in sys.argv:
+        print(markdown_table())
