@@ -49,13 +49,14 @@ class Settings:
     lora_rank: int = _env("PEAL_LORA_RANK", 8, "LoRA rank r.", int)
     lora_alpha: float = _env("PEAL_LORA_ALPHA", 16.0, "LoRA alpha (scale = alpha / r).", float)
     lora_dropout: float = _env("PEAL_LORA_DROPOUT", 0.1, "Dropout on the LoRA branch.", float)
-    lora_targets: str = _env("PEAL_LORA_TARGETS", "query,value", "Comma-separated module names that get LoRA (DINOv2: query, key, value, dense, fc1, fc2).")
+    lora_targets: str = _env("PEAL_LORA_TARGETS", "query,value", "Comma-separated module names that get LoRA: query, key, value, dense (or q_proj, k_proj, v_proj, o_proj), fc1, fc2.")
     lora_last_k: int = _env("PEAL_LORA_LAST_K", 0, "Put LoRA only in the last K transformer blocks (0 = all blocks).", int)
     prompt_tokens: int = _env("PEAL_PROMPT_TOKENS", 8, "Number of learnable prompt tokens for the prompt adapter.", int)
     prompt_deep: bool = _env("PEAL_PROMPT_DEEP", False, "Deep visual prompts (new tokens at every block) instead of shallow (first block only).", bool)
     features: str = _env("PEAL_FEATURES", "cls+mean", "What the head sees: cls (CLS token) or cls+mean (CLS and mean patch token).",
                          str, ("cls", "cls+mean"))
-    image_size: int = _env("PEAL_IMAGE_SIZE", 224, "Images are resized to this square size (multiple of the patch size).", int)
+    image_size: int = _env("PEAL_IMAGE_SIZE", 0, "Images are resized to this square size, rounded down to a multiple of the patch size "
+                          "(0 = the backbone's own size, capped at 224: 224 for hub DINOv2, 32 for peal-mini).", int)
     batch_size: int = _env("PEAL_BATCH_SIZE", 32, "Batch size for training and scoring.", int)
     device: str = _env("PEAL_DEVICE", "cpu", "Torch device: cpu, cuda, cuda:0, ...")
     precision: str = _env("PEAL_PRECISION", "fp32", "Inference precision: fp32, bf16 (autocast) or auto (bf16 where the CPU supports it).",
@@ -64,6 +65,7 @@ class Settings:
 
     # --- Training --------------------------------------------------------------------------------
     epochs: int = _env("PEAL_EPOCHS", 10, "Epochs per training cycle.", int)
+    min_steps: int = _env("PEAL_MIN_STEPS", 50, "At least this many optimiser steps per cycle, however few labels there are.", int)
     learning_rate: float = _env("PEAL_LR", 0.002, "SGD learning rate (momentum 0.9, weight decay 5e-4, cosine schedule).", float)
     head_lr_multiplier: float = _env("PEAL_HEAD_LR_MULT", 10.0, "The linear head learns this many times faster than the adapter.", float)
     calibration: bool = _env("PEAL_CALIBRATION", False, "Add C-PEAL's uncertainty-calibration loss to cross-entropy.", bool)
@@ -95,8 +97,8 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise SettingsError(f"{f.metadata['env']}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
-        if self.image_size <= 0 or self.batch_size <= 0:
-            raise SettingsError("PEAL_IMAGE_SIZE and PEAL_BATCH_SIZE must be positive")
+        if self.image_size < 0 or self.batch_size <= 0:
+            raise SettingsError("PEAL_IMAGE_SIZE must be >= 0 and PEAL_BATCH_SIZE positive")
         if not 0 < self.candidate_fraction <= 1:
             raise SettingsError(f"PEAL_CANDIDATE_FRACTION={self.candidate_fraction}: must be in (0, 1]")
 
