@@ -1,0 +1,118 @@
+"""The training job run by the queue: Label Studio annotations in, a new model version and fresh
+predictions for the unlabeled pool out.
+
+Order matters for "nothing lost or half-written": the version (weights, labels, queue scores) is
+saved atomically first; only then are predictions pushed and the project's model_version moved to
+it. If the push fails the job fails, the new version still serves /predict, and the next run pushes
+again (Label Studio predictions are created idempotently per task and version).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .backbone import input_size, load_backbone
+from .config import Settings
+from .engine import run_cycle
+from .images import ImageError, ImageFetcher, preprocess
+from .labelstudio import LabelStudio
+from .model import (QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
+                    task_image_url, version_prefix)
+from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int):
+    """Images of the tasks that can be fetched; a bad image skips its task, never the batch."""
+    kept, images, errors = [], [], 0
+    for task in tasks:
+        try:
+            images.append(fetcher.fetch(task_image_url(task, spec)))
+            kept.append(task)
+        except (ImageError, PayloadError) as exc:
+            errors += 1
+            log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), exc)
+    return kept, images, errors
+
+
+def labeled_examples(ls: LabelStudio, project: int, spec: LabelSpec):
+    """(task, label indices) for every task whose latest usable annotation names our choices."""
+    out, skipped = [], 0
+    for task, annotation in ls.labeled_tasks(project):
+        try:
+            labels = spec.labels_of(annotation.get("result") or [])
+        except PayloadError as exc:
+            skipped += 1
+            log.warning("project %s task %s: %s; annotation ignored", project, task.get("id"), exc)
+            continue
+        if not labels:
+            skipped += 1
+            continue
+        out.append((task, [spec.labels.index(lab) for lab in labels]))
+    return out, skipped
+
+
+def train_project(project_id: int, settings: Settings, reason: str = "") -> dict:
+    started = time.perf_counter()
+    project = int(project_id)
+    ls = LabelStudio.from_settings(settings)
+    fetcher = ImageFetcher(settings, ls.auth_headers)
+    store = ModelStore(settings.model_dir)
+    spec = parse_label_config(ls.project(project)["label_config"])
+
+    examples, skipped = labeled_examples(ls, project, spec)
+    tasks, images, bad = _fetch_all(fetcher, [t for t, _ in examples], spec, "labeled", project)
+    if not images:
+        log.info("project %s: nothing to train on (%d annotations skipped, %d images failed)", project, skipped, bad)
+        return {"status": "skipped", "reason": "no usable annotations", "skipped_annotations": skipped,
+                "failed_images": bad}
+    label_of = {t["id"]: labs for t, labs in examples}
+    n_classes = len(spec.labels)
+    if spec.multiple:
+        targets = torch.zeros(len(tasks), n_classes)
+        for i, t in enumerate(tasks):
+            targets[i, label_of[t["id"]]] = 1.0
+    else:
+        targets = torch.tensor([label_of[t["id"]][0] for t in tasks])
+
+    size = input_size(settings, load_backbone(settings.backbone).config)
+    pool_tasks, pool_images, pool_bad = [], [], 0
+    if settings.push_predictions:
+        pool_tasks, pool_images, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec, "unlabeled", project)
+
+    init = None
+    latest = store.latest(project)
+    if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
+            and tuple(latest.meta.get("labels", ())) == spec.labels):
+        init = latest.weights()
+    fetch_seconds = time.perf_counter() - started
+    result = run_cycle(settings, preprocess(images, size), targets, preprocess(pool_images, size), n_classes,
+                       multiple=spec.multiple, init=init)
+
+    queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
+    counts = result.classifier.parameter_counts()
+    meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
+            "strategy": settings.strategy, "balance": settings.balance, "calibration": settings.calibration,
+            "warm_started_from": latest.name if init is not None else None, "reason": reason,
+            "metrics": {**result.metrics, "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
+                        "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3)},
+            "parameters": counts}
+    version = store.save(project, version_prefix(settings), result.classifier.trainable_state(), meta,
+                         files={QUEUE_FILE: queue}, keep=settings.keep_versions)
+    log.info("project %s: saved %s (%d labeled, %d in pool)", project, version.name, len(tasks), len(pool_tasks))
+
+    pushed = 0
+    if settings.push_predictions:
+        predictions = [{"task": t["id"], "result": choices_result(spec, result.pool.probs[i], settings.threshold),
+                        "score": float(result.queue_scores[i])} for i, t in enumerate(pool_tasks)]
+        pushed = ls.create_predictions(project, predictions, version.name)
+        ls.set_model_version(project, version.name)
+        if settings.set_uncertainty_sampling:
+            ls.set_sampling(project, "Uncertainty sampling")
+    first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
+    return {"status": "trained", "model_version": version.name, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
+            "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
+            "trainable_parameters": counts["trainable"], "seconds": round(time.perf_counter() - started, 3)}

@@ -1,0 +1,210 @@
+"""The HTTP contract Label Studio speaks to an ML backend: /health, /setup, /predict, /webhook,
+/metrics, /versions (+ /jobs for training status). Errors are JSON with a message naming the problem.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import threading
+import time
+from collections import deque
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .backbone import BackboneLoadError
+from .config import Settings
+from .images import ImageFetcher
+from .model import LabelConfigError, PayloadError, PealModel, project_id
+
+log = logging.getLogger(__name__)
+
+TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"}
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def _check_basic_auth(settings: Settings) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    # compare both fields in constant time, and always both, so timing says nothing about which failed
+    ok_user = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode())
+    ok_pass = hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode())
+    return ok_user and ok_pass
+
+
+class _Stats:
+    """Request counters and recent /predict latencies for /metrics."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.predict_ms: deque[float] = deque(maxlen=1000)
+
+    def count(self, key: str, n: int = 1):
+        with self.lock:
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            lat = sorted(self.predict_ms)
+            out = {"counts": dict(self.counts)}
+        if lat:
+            out["predict_latency_ms"] = {"p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+                                         "n": len(lat)}
+        return out
+
+
+def create_app(settings: Settings | None = None, queue=None) -> Flask:
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask("peal_backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    stats = _Stats()
+    state: dict = {"queue": queue, "model": None, "ls": None}
+    state_lock = threading.Lock()
+
+    def ls_client():
+        from .labelstudio import LabelStudio
+        with state_lock:
+            if state["ls"] is None:
+                state["ls"] = LabelStudio.from_settings(settings)
+            return state["ls"]
+
+    def get_model() -> PealModel:
+        with state_lock:
+            if state["model"] is None:
+                auth = ls_client().auth_headers if settings.label_studio_api_key else None
+                state["model"] = PealModel(settings, ImageFetcher(settings, auth))
+            return state["model"]
+
+    def get_queue():
+        with state_lock:
+            if state["queue"] is None:
+                from .jobs import make_queue
+                state["queue"] = make_queue(settings)
+            return state["queue"]
+
+    app.extensions["peal"] = {"settings": settings, "get_queue": get_queue, "get_model": get_model, "stats": stats}
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise PayloadError("request body must be a JSON object")
+        return data
+
+    @app.before_request
+    def auth():
+        if settings.basic_auth_user and request.endpoint not in ("health", "index"):
+            if not _check_basic_auth(settings):
+                resp = jsonify(error="authentication required")
+                resp.status_code = 401
+                resp.headers["WWW-Authenticate"] = 'Basic realm="peal-backend"'
+                return resp
+        return None
+
+    @app.errorhandler(PayloadError)
+    @app.errorhandler(LabelConfigError)
+    def bad_request(exc):
+        stats.count("errors_4xx")
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(BackboneLoadError)
+    def backbone_error(exc):
+        log.error("%s", exc)
+        return jsonify(error=str(exc)), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def internal_error(exc):
+        log.exception("unhandled error on %s", request.path)
+        stats.count("errors_5xx")
+        return jsonify(error=f"internal error: {type(exc).__name__}"), 500
+
+    @app.get("/")
+    def index():
+        return health()
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class="PealModel", version=__version__, backbone=settings.backbone,
+                       adapter=settings.adapter, strategy=settings.strategy)
+
+    @app.post("/setup")
+    def setup():
+        data = body()
+        pid = project_id(data.get("project"))
+        version = get_model().setup(pid, data.get("schema") or data.get("label_config"))
+        stats.count("setup")
+        return jsonify(model_version=version)
+
+    @app.post("/predict")
+    def predict():
+        started = time.perf_counter()
+        data = body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list):
+            raise PayloadError("'tasks' must be a list of task objects")
+        pid = project_id(data.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict) else None))
+        config = data.get("label_config")
+        if not config:
+            config = ls_client().project(pid)["label_config"]
+        results = get_model().predict(tasks, pid, config)
+        stats.count("predict_requests")
+        stats.count("predict_tasks", len(tasks))
+        stats.predict_ms.append(round((time.perf_counter() - started) * 1000, 3))
+        version = next((r["model_version"] for r in results if r.get("model_version")), None)
+        return jsonify(results=results, model_version=version)
+
+    @app.post("/webhook")
+    def webhook():
+        data = body()
+        action = data.get("action")
+        if action not in TRAINING_EVENTS and action != "START_TRAINING":
+            return jsonify(status="Unknown event", action=action), 200
+        pid = project_id(data.get("project"))
+        queue = get_queue()
+        if action == "START_TRAINING":
+            outcome = queue.request_training(pid, "START_TRAINING")
+        else:
+            outcome = {"queued": queue.note_annotation(pid)}
+        stats.count(f"webhook_{action}")
+        return jsonify(status="ok", action=action, project=pid, **outcome), 201
+
+    @app.get("/jobs")
+    def jobs():
+        return jsonify(get_queue().status())
+
+    @app.get("/jobs/<int:pid>")
+    def job(pid: int):
+        return jsonify(get_queue().status(pid))
+
+    @app.get("/versions")
+    def versions():
+        store = get_model().store
+        wanted = request.args.get("project")
+        projects = [project_id(wanted)] if wanted else store.projects()
+        by_project = {str(p): store.versions(p) for p in projects}
+        flat = [v for vs in by_project.values() for v in vs]
+        return jsonify(versions=flat, projects=by_project)
+
+    @app.get("/metrics")
+    def metrics():
+        store = get_model().store
+        latest = {str(p): (v.name if (v := store.latest(p)) else None) for p in store.projects()}
+        return jsonify(**stats.snapshot(), latest_versions=latest, jobs=get_queue().status(),
+                       settings=settings.redacted())
+
+    return app
