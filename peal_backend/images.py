@@ -1,0 +1,416 @@
+"""Safe fetching, decoding and preprocessing of images.
+
+Task images are URLs: `/data/upload/...` and `/data/local-files/?d=...` (relative, served by Label
+Studio, need its API token) or absolute `http(s)://...`. `ImageFetcher` turns them into RGB images
+under a few rules that keep a backend exposed to arbitrary task data safe:
+
+- only http and https (and inline `data:image/...;base64,` URIs); never file://, ftp://, ...
+- only the Label Studio host and the hosts in PEAL_ALLOWED_HOSTS (`*` = any, `*.example.com` =
+  its subdomains); redirects (at most 3) are followed by hand and re-checked at every hop;
+- Label Studio's auth headers go only to Label Studio's own origin, never to a redirect elsewhere;
+- bodies are streamed under a byte limit and an overall deadline;
+- width x height is checked from the image header before any pixel is decoded (decompression bombs);
+- URLs in messages and logs have their credentials and query values hidden.
+
+Fetched bodies are cached on disk, keyed by the URL's sha256, so a URL is downloaded once.
+`preprocess` turns RGB images into the normalised tensor DINOv2 expects.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from typing import Callable, Sequence
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import numpy as np
+import requests
+import torch
+import urllib3
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_REDIRECTS = 3
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+_CHUNK = 64 * 1024
+# Query parameters that are paths, not secrets: shown as they are in messages.
+_PLAIN_QUERY_KEYS = {"d", "fileuri"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ImageError(Exception):
+    """An image could not be fetched or decoded. `url` is safe to show (secrets hidden)."""
+
+    def __init__(self, url: str, reason: str):
+        self.url = safe_url(url)
+        self.reason = reason
+        super().__init__(f"image {self.url!r}: {reason}")
+
+    def __reduce__(self):  # picklable (job queues pickle exceptions) despite the two-argument __init__
+        return (type(self), (self.url, self.reason))
+
+
+# --- URLs ----------------------------------------------------------------------------------------
+
+def safe_url(url: str) -> str:
+    """`url` with user:password, query values (but Label Studio's `d=` paths) and fragment hidden."""
+    if not url or url.startswith("data:"):
+        return url[:40] + ("..." if len(url) > 40 else "")
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+        query = urlencode([(k, v if k.lower() in _PLAIN_QUERY_KEYS else "***")
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "<unparseable url>"
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an absolute http(s) URL; ValueError if it has none."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if not parts.hostname:
+        raise ValueError("no host")
+    return scheme, parts.hostname.lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def _host_matches(entry: str, host: str, port: int) -> bool:
+    """Does one PEAL_ALLOWED_HOSTS entry (`*`, `host`, `host:port`, `*.domain`) allow host:port?"""
+    if entry == "*":
+        return True
+    parts = urlsplit("//" + entry)  # handles host:port and [ipv6]:port alike
+    want_host = (parts.hostname or "").lower()
+    try:
+        want_port = parts.port
+    except ValueError:
+        return False
+    if want_port is not None and want_port != port:
+        return False
+    if want_host.startswith("*."):
+        return host.endswith(want_host[1:])
+    return host == want_host
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex digest of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Image:
+    """Decode image bytes to an RGB image; ImageError (naming `source`) if they are not a usable image.
+
+    The pixel count is checked from the header before decoding. EXIF orientation is applied (browsers,
+    hence annotators, see images upright); transparency is composited on white; 16-bit and float
+    images are stretched from their own min..max to 0..255.
+    """
+    if not data:
+        raise ImageError(source, "empty body")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        raise ImageError(source, "not an image (cannot identify image file)") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own, coarser guard fired first
+        raise ImageError(source, f"too many pixels (decompression-bomb guard: {exc})") from None
+    except Exception as exc:  # Pillow plugins raise many types on malformed headers
+        raise ImageError(source, f"corrupt image header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(source, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(source, f"too many pixels: {width}x{height} = {width * height} > {max_pixels} "
+                                 "(decompression-bomb guard, PEAL_MAX_IMAGE_PIXELS)")
+    try:
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError...
+        raise ImageError(source, f"corrupt or truncated {image.format or ''} image "
+                                 f"({type(exc).__name__}: {exc})".replace("  ", " ")) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(np.round(scaled).astype(np.uint8))  # 2-D uint8 -> mode "L"
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """A uint8 HxW, HxWx1 or HxWx3 array as an RGB PIL image."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"to_pil: expected a uint8 array, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)) or 0 in array.shape:
+        raise ValueError(f"to_pil: expected shape HxW, HxWx1 or HxWx3, got {array.shape}")
+    image = Image.fromarray(np.ascontiguousarray(array))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+def preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(N, 3, size, size) float32: each image squashed to size x size (bicubic), scaled to [0, 1] and
+    normalised with the ImageNet mean and std, as DINOv2 expects."""
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"preprocess: size must be a positive int, got {size!r}")
+    batch = np.empty((len(images), size, size, 3), dtype=np.float32)
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"preprocess: item {i} is a {type(image).__name__}, not a PIL image")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        batch[i] = np.asarray(image, dtype=np.float32)
+    batch *= 1.0 / 255.0
+    batch -= np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    batch /= np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+# --- fetching ------------------------------------------------------------------------------------
+
+class ImageFetcher:
+    """Fetch task images by URL under the rules in the module docstring, with an on-disk cache.
+
+    `auth_headers` (e.g. `LabelStudio.auth_headers`) is called for each request to Label Studio's own
+    origin, and only then; its exceptions propagate (an auth failure is not a bad image).
+    Safe to share between threads (one requests.Session per thread).
+    """
+
+    def __init__(self, settings: Settings, auth_headers: Callable[[], dict] | None = None):
+        self.settings = settings
+        self.auth_headers = auth_headers
+        self.base_url = settings.label_studio_url.rstrip("/")
+        try:
+            self.ls_origin = _origin(self.base_url)
+        except ValueError:
+            raise ValueError(f"LABEL_STUDIO_URL={settings.label_studio_url!r}: not an absolute http(s) URL") from None
+        self.allowed = settings.allowed_host_list
+        self.cache_dir = settings.image_cache_dir
+        self._local = threading.local()
+
+    # public API
+
+    def fetch_bytes(self, url: str) -> bytes:
+        """The image file's bytes (checked to decode as an image); ImageError otherwise."""
+        return self._get(url)[0]
+
+    def fetch(self, url: str) -> Image.Image:
+        """The decoded RGB image; ImageError if it cannot be fetched or decoded."""
+        return self._get(url)[1]
+
+    def resolve(self, url: str) -> str:
+        """The absolute URL fetched for a task's `url`, after checking it is allowed; ImageError if not."""
+        if not isinstance(url, str) or not url.strip():
+            raise ImageError(str(url), "empty or missing URL")
+        url = url.strip()
+        if url.startswith("//"):
+            url = f"{self.ls_origin[0]}:{url}"
+        elif url.startswith("/"):
+            url = self.base_url + url  # keeps a path prefix such as http://host/label-studio
+        self._check_allowed(url)
+        return url
+
+    # internals
+
+    def _get(self, url: str) -> tuple[bytes, Image.Image]:
+        if isinstance(url, str) and url.strip().lower().startswith("data:"):
+            data = _data_uri_bytes(url.strip(), self.settings.max_image_bytes)
+            return data, decode_image(data, max_pixels=self.settings.max_image_pixels, source=url)
+        url = self.resolve(url)
+        cached = self._cache_read(url)
+        if cached is not None:
+            try:
+                return cached, decode_image(cached, max_pixels=self.settings.max_image_pixels, source=url)
+            except ImageError:
+                log.warning("discarding unreadable cache entry for %s", safe_url(url))
+                self._cache_remove(url)
+        data, content_type = self._download(url)
+        try:
+            image = decode_image(data, max_pixels=self.settings.max_image_pixels, source=url)
+        except ImageError as exc:
+            hint = f"; server sent Content-Type {content_type}" if content_type and not content_type.startswith("image/") else ""
+            raise ImageError(url, exc.reason + hint) from None
+        self._cache_write(url, data)
+        return data, image
+
+    def _check_allowed(self, url: str) -> None:
+        try:
+            scheme, host, port = _origin(url)
+        except ValueError as exc:
+            scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+            if scheme and scheme not in _DEFAULT_PORTS:
+                raise ImageError(url, f"scheme {scheme!r} is not allowed (only http and https)") from None
+            raise ImageError(url, f"not an absolute http(s) URL ({exc})") from None
+        if scheme not in _DEFAULT_PORTS:
+            raise ImageError(url, f"scheme {scheme!r} is not allowed (only http and https)")
+        if (host, port) == self.ls_origin[1:]:
+            return
+        if not any(_host_matches(entry, host, port) for entry in self.allowed):
+            shown = f"{host}:{port}" if port != _DEFAULT_PORTS[scheme] else host
+            raise ImageError(url, f"host {shown!r} is not allowed (add it to PEAL_ALLOWED_HOSTS)")
+
+    @property
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers["User-Agent"] = "peal-backend"
+        return session
+
+    def _download(self, url: str) -> tuple[bytes, str]:
+        timeout = self.settings.fetch_timeout
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        for hop in range(MAX_REDIRECTS + 1):
+            headers = {}
+            if self.auth_headers is not None and _origin(url) == self.ls_origin:
+                headers.update(self.auth_headers())
+            try:
+                response = self._session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                             timeout=(timeout, timeout))
+            except requests.Timeout:
+                raise ImageError(url, f"timed out after {timeout:g} s (PEAL_FETCH_TIMEOUT)") from None
+            except requests.RequestException as exc:
+                raise ImageError(url, f"request failed ({_scrub(str(exc), url)})") from None
+            with response:
+                if response.status_code in _REDIRECT_CODES:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise ImageError(url, f"HTTP {response.status_code} redirect without a Location")
+                    if hop == MAX_REDIRECTS:
+                        raise ImageError(url, f"more than {MAX_REDIRECTS} redirects")
+                    target = urljoin(url, location)
+                    try:
+                        self._check_allowed(target)
+                    except ImageError as exc:
+                        raise ImageError(url, f"redirected to {exc.url!r}: {exc.reason}") from None
+                    url = target
+                    continue
+                if response.status_code != 200:
+                    hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) \
+                        and _origin(url) == self.ls_origin else ""
+                    raise ImageError(url, f"HTTP {response.status_code} {response.reason or ''}".rstrip() + hint)
+                data = self._read_body(url, response, deadline)
+                log.debug("fetched %s: %d bytes in %.2f s", safe_url(url), len(data), time.monotonic() - started)
+                return data, response.headers.get("Content-Type", "")
+        raise AssertionError("unreachable")
+
+    def _read_body(self, url: str, response: requests.Response, deadline: float) -> bytes:
+        limit = self.settings.max_image_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ImageError(url, f"too large: {int(declared)} bytes > {limit} (PEAL_MAX_IMAGE_BYTES)")
+        body = bytearray()
+        try:
+            for chunk in _chunks(response):
+                body += chunk
+                if len(body) > limit:
+                    raise ImageError(url, f"too large: more than {limit} bytes (PEAL_MAX_IMAGE_BYTES)")
+                if time.monotonic() > deadline:  # the read timeout is per read; this bounds the whole body
+                    raise ImageError(url, f"timed out after {self.settings.fetch_timeout:g} s reading the body "
+                                          "(PEAL_FETCH_TIMEOUT)")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # requests reports a read timeout inside iter_content as a ConnectionError
+            if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in str(exc).lower():
+                raise ImageError(url, f"timed out after {self.settings.fetch_timeout:g} s reading the body "
+                                      "(PEAL_FETCH_TIMEOUT)") from None
+            raise ImageError(url, f"download failed ({_scrub(str(exc), url)})") from None
+        return bytes(body)
+
+    # cache: one file per URL, under two-letter fan-out folders
+
+    def _cache_path(self, url: str) -> str:
+        key = content_hash(url.encode("utf-8"))
+        return os.path.join(self.cache_dir, key[:2], key)
+
+    def _cache_read(self, url: str) -> bytes | None:
+        try:
+            with open(self._cache_path(url), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _cache_write(self, url: str, data: bytes) -> None:
+        path = self._cache_path(url)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)  # readers see the whole file or none
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:  # a cache we cannot write only costs speed
+            log.warning("cannot cache image %s: %s", safe_url(url), exc)
+
+    def _cache_remove(self, url: str) -> None:
+        try:
+            os.unlink(self._cache_path(url))
+        except OSError:
+            pass
+
+
+def _chunks(response: requests.Response):
+    """The body in pieces as they arrive (decoded, so a gzip body cannot expand past the byte limit).
+
+    urllib3 2's read1 returns whatever has arrived; read(n) and iter_content wait for n bytes, which
+    would let a server trickling bytes hold us far past the deadline.
+    """
+    raw = response.raw
+    if hasattr(raw, "read1"):
+        while chunk := raw.read1(_CHUNK, decode_content=True):
+            yield chunk
+    else:  # urllib3 1.x
+        yield from response.iter_content(_CHUNK)
+
+
+_DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.+-]+)*;base64,", re.IGNORECASE)
+
+
+def _data_uri_bytes(uri: str, limit: int) -> bytes:
+    """Bytes of a `data:image/...;base64,` URI, within `limit`; ImageError otherwise."""
+    match = _DATA_URI.match(uri)
+    if not match or not match.group(1):
+        raise ImageError(uri, "only data:image/...;base64, URIs are supported")
+    payload = uri[match.end():]
+    if len(payload) * 3 // 4 > limit:
+        raise ImageError(uri, f"too large: more than {limit} bytes (PEAL_MAX_IMAGE_BYTES)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(uri, "invalid base64 in data URI") from None
+
+
+def _scrub(message: str, url: str) -> str:
+    """An exception message with the URL's secrets (query, credentials) removed."""
+    parts = urlsplit(url)
+    for secret in (parts.query, parts.username, parts.password):
+        if secret:
+            message = message.replace(secret, "***")
+    return message
