@@ -146,7 +146,7 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if progress:
                 progress(step, total, losses[-1])
