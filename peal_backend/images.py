@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import io
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -173,8 +174,9 @@ def to_pil(array: np.ndarray) -> Image.Image:
 def preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """(N, 3, size, size) float32: each image squashed to size x size (bicubic), scaled to [0, 1] and
     normalised with the ImageNet mean and std, as DINOv2 expects."""
-    if not isinstance(size, int) or size <= 0:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
         raise ValueError(f"preprocess: size must be a positive int, got {size!r}")
+    size = int(size)
     batch = np.empty((len(images), size, size, 3), dtype=np.float32)
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
@@ -289,9 +291,13 @@ class ImageFetcher:
             headers = {}
             if self.auth_headers is not None and _origin(url) == self.ls_origin:
                 headers.update(self.auth_headers())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ImageError(url, f"timed out after {timeout:g} s (PEAL_FETCH_TIMEOUT)")
             try:
+                # One deadline covers all hops; each socket wait is also capped by what is left of it.
                 response = self._session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                             timeout=(timeout, timeout))
+                                             timeout=(remaining, remaining))
             except requests.Timeout:
                 raise ImageError(url, f"timed out after {timeout:g} s (PEAL_FETCH_TIMEOUT)") from None
             except requests.RequestException as exc:

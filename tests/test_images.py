@@ -489,6 +489,7 @@ def test_preprocess_resizes_content_not_just_shape():
 
 def test_preprocess_empty_and_bad_input():
     assert preprocess([], 8).shape == (0, 3, 8, 8)
+    assert preprocess([Image.new("RGB", (4, 4))], np.int64(8)).shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="size"):
         preprocess([Image.new("RGB", (4, 4))], 0)
     with pytest.raises(TypeError, match="item 1"):
