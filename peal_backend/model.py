@@ -10,7 +10,6 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from . import acquisition
 from .backbone import Classifier, build_classifier, input_size

@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     settings = settings or Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # at DEBUG it logs full URLs, signed ones included
     app = Flask("peal_backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False

@@ -1,0 +1,239 @@
+"""The HTTP contract, through Flask's test client and through a real gunicorn process, with real
+images served over loopback HTTP and a model version trained on real PneumoniaMNIST images."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from peal_backend.backbone import build_classifier
+from peal_backend.config import Settings
+from peal_backend.images import preprocess, to_pil
+from peal_backend.jobs import make_queue
+from peal_backend.model import model_settings, parse_label_config, LabelConfigError
+from peal_backend.server import create_app
+from peal_backend.store import ModelStore
+from peal_backend.training import fit
+from tests.backbone_fixture import tiny_backbone  # noqa: F401
+from tests.conftest import DATASETS
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="diagnosis" toName="image"><Choice value="normal"/><Choice value="pneumonia"/></Choices>
+</View>"""
+PROJECT = "7.1700000000"
+
+
+def pneumonia(n=40):
+    with np.load(DATASETS / "pneumoniamnist.npz") as d:
+        return d["train_images"][:n], d["train_labels"][:n, 0]
+
+
+def train_version(settings: Settings, project=7) -> str:
+    """Train a real version on real images, saved the way the training job saves it."""
+    images, labels = pneumonia()
+    model = build_classifier(settings, 2)
+    fit(model, preprocess([to_pil(a) for a in images], 28), torch.tensor(labels.astype(np.int64)), settings)
+    meta = {"labels": ["normal", "pneumonia"], "multiple": False, "model_settings": model_settings(settings)}
+    return ModelStore(settings.model_dir).save(project, "peal-linear", model.trainable_state(), meta).name
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_backbone, image_server):
+    (tmp_path / "models").mkdir()
+    return Settings(backbone=tiny_backbone, adapter="linear", model_dir=str(tmp_path / "models"),
+                    label_studio_url=image_server.base_url, epochs=5, min_steps=20)
+
+
+@pytest.fixture
+def client(settings):
+    queue = make_queue(settings, job="tests.jobfuncs.scripted")
+    app = create_app(settings, queue=queue)
+    yield app.test_client()
+    queue.close()
+
+
+def served_tasks(image_server, n=4):
+    images, labels = pneumonia(n)
+    tasks = []
+    for i, arr in enumerate(images):
+        ext = "png" if i % 2 == 0 else "jpg"
+        pil = to_pil(arr)
+        path = image_server.dir / f"data/upload/7/img{i}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pil.save(path, format="PNG" if ext == "png" else "JPEG")
+        # alternate relative Label Studio upload paths and absolute URLs
+        url = f"/data/upload/7/img{i}.{ext}" if i % 2 == 0 else image_server.url(f"/data/upload/7/img{i}.{ext}")
+        tasks.append({"id": 100 + i, "data": {"image": url}, "project": 7})
+    return tasks, labels
+
+
+# --- label config -------------------------------------------------------------------------------------
+def test_label_config_parsing():
+    spec = parse_label_config(CONFIG)
+    assert (spec.image_key, spec.choices_name, spec.labels, spec.multiple) == ("image", "diagnosis", ("normal", "pneumonia"), False)
+    multi = parse_label_config(CONFIG.replace('toName="image"', 'toName="image" choice="multiple"'))
+    assert multi.multiple
+    with pytest.raises(LabelConfigError, match="no <Image>"):
+        parse_label_config('<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>')
+    with pytest.raises(LabelConfigError, match="no <Choices>"):
+        parse_label_config('<View><Image name="i" value="$i"/></View>')
+
+
+# --- Flask test client --------------------------------------------------------------------------------
+def test_health_and_index(client):
+    for path in ("/health", "/"):
+        r = client.get(path)
+        assert r.status_code == 200 and r.json["status"] == "UP" and r.json["model_class"] == "PealModel"
+
+
+def test_setup_returns_model_version_and_rejects_bad_configs(client, settings):
+    r = client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "hostname": "http://ls", "access_token": "x"})
+    assert r.status_code == 200 and r.json["model_version"] == "peal-linear-untrained"
+    name = train_version(settings)
+    assert client.post("/setup", json={"project": PROJECT, "schema": CONFIG}).json["model_version"] == name
+    r = client.post("/setup", json={"project": PROJECT, "schema": '<View><Image name="i" value="$i"/></View>'})
+    assert r.status_code == 400 and "no <Choices>" in r.json["error"]
+
+
+def test_malformed_bodies_get_clear_400s(client):
+    r = client.post("/predict", data="{not json", content_type="application/json")
+    assert r.status_code == 400 and "JSON object" in r.json["error"]
+    r = client.post("/predict", json={"tasks": "nope", "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 400 and "'tasks' must be a list" in r.json["error"]
+    r = client.post("/setup", json={"project": "abc", "schema": CONFIG})
+    assert r.status_code == 400 and "'project'" in r.json["error"]
+    r = client.post("/webhook", json=[1, 2])
+    assert r.status_code == 400
+
+
+def test_predict_before_training_returns_no_result(client, image_server):
+    tasks, _ = served_tasks(image_server, 2)
+    r = client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200
+    assert [x["result"] for x in r.json["results"]] == [[], []]
+
+
+def test_predict_serves_trained_version_and_isolates_bad_tasks(client, settings, image_server):
+    name = train_version(settings)
+    tasks, labels = served_tasks(image_server, 6)
+    image_server.add("notes.txt", b"this is not an image")
+    bad = [{"id": 900, "data": {"other": "x"}},                                         # no image field
+           {"id": 901, "data": {"image": image_server.url("/notes.txt")}},              # not an image
+           {"id": 902, "data": {"image": "http://127.0.0.1:9/unreachable.png"}}]         # unreachable host
+    batch = tasks[:3] + bad + tasks[3:]
+    r = client.post("/predict", json={"tasks": batch, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200
+    results = r.json["results"]
+    assert len(results) == len(batch)
+    good = results[:3] + results[6:]
+    for res in good:
+        assert res["model_version"] == name
+        (region,) = res["result"]
+        assert region["from_name"] == "diagnosis" and region["to_name"] == "image" and region["type"] == "choices"
+        assert region["value"]["choices"][0] in ("normal", "pneumonia")
+        assert 0.5 <= region["score"] <= 1.0 and 0.0 <= res["score"] <= 1.0
+    for res, why in zip(results[3:6], ("no image URL", "not an image", "")):
+        assert res["result"] == [] and why in res["error"]
+    # the image fetch used the Label Studio host for relative URLs
+    assert image_server.count("/data/upload/7/img0.png") == 1
+
+
+def test_predict_score_orders_most_uncertain_first(client, settings, image_server):
+    train_version(settings)
+    tasks, _ = served_tasks(image_server, 6)
+    res = client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}).json["results"]
+    conf = np.array([r["result"][0]["score"] for r in res])
+    score = np.array([r["score"] for r in res])
+    # lower score = label next = less confident top choice
+    assert np.array_equal(np.argsort(score, kind="stable"), np.argsort(conf, kind="stable"))
+
+
+def test_webhook_events(client, settings):
+    r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 7}})
+    assert r.status_code == 200 and r.json["status"] == "Unknown event"
+    r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 7},
+                                      "annotation": {"id": 1}, "task": {"id": 100}})
+    assert r.status_code == 201 and r.json["queued"] is True
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    assert r.status_code == 201
+    deadline = time.time() + 20
+    while time.time() < deadline and client.get("/jobs/7").json.get("runs", 0) < 1:
+        time.sleep(0.1)
+    status = client.get("/jobs/7").json
+    assert status["runs"] >= 1
+    assert client.get("/metrics").json["counts"]["webhook_ANNOTATION_CREATED"] == 1
+
+
+def test_versions_and_metrics(client, settings):
+    name = train_version(settings)
+    assert client.get("/versions").json["versions"] == [name]
+    m = client.get("/metrics").json
+    assert m["latest_versions"] == {"7": name} and "label_studio_api_key" in m["settings"]
+
+
+def test_basic_auth(settings, tmp_path):
+    s = settings.replace(basic_auth_user="annotator", basic_auth_pass="s3cret")
+    c = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    assert c.get("/health").status_code == 200  # health checks stay open
+    assert c.post("/setup", json={"project": PROJECT, "schema": CONFIG}).status_code == 401
+    bad = base64.b64encode(b"annotator:wrong").decode()
+    assert c.post("/setup", json={"project": PROJECT, "schema": CONFIG},
+                  headers={"Authorization": f"Basic {bad}"}).status_code == 401
+    good = base64.b64encode(b"annotator:s3cret").decode()
+    r = c.post("/setup", json={"project": PROJECT, "schema": CONFIG}, headers={"Authorization": f"Basic {good}"})
+    assert r.status_code == 200
+
+
+# --- a real gunicorn process --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn_backend(settings):
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone,
+           "PEAL_ADAPTER": "linear", "LABEL_STUDIO_URL": settings.label_studio_url, "LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "peal_backend.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if requests.get(url + "/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("gunicorn did not come up")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_server):
+    url = gunicorn_backend
+    assert requests.get(url + "/health", timeout=5).json()["status"] == "UP"
+    name = train_version(settings)
+    r = requests.post(url + "/setup", json={"project": PROJECT, "schema": CONFIG}, timeout=10)
+    assert r.json() == {"model_version": name}
+    tasks, _ = served_tasks(image_server, 4)
+    r = requests.post(url + "/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}, timeout=60)
+    assert r.status_code == 200
+    assert [len(x["result"]) for x in r.json()["results"]] == [1, 1, 1, 1]
+    r = requests.post(url + "/predict", data=b"\xff\xfe garbage", headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400
