@@ -1,0 +1,44 @@
+"""Small real job functions for the queue tests, importable as ``jobfuncs.<name>`` by workers.
+
+Each run appends ``start`` and ``end`` lines to ``MODEL_DIR/runs.log`` (one write per line, O_APPEND,
+so several worker processes can share the file) for the tests to count runs and check overlaps.
+"""
+import os
+import time
+
+LOG_NAME = "runs.log"
+
+
+def _log(settings, *words) -> None:
+    line = " ".join(str(w) for w in words) + "\n"
+    fd = os.open(os.path.join(settings.model_dir, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def scripted(project_id, settings, reason):
+    """Do what the reason says: ``sleep=<seconds>`` sleeps, ``fail`` raises (naming the API key)."""
+    _log(settings, "start", project_id, f"{time.time():.6f}", os.getpid(), reason,
+         f"epochs={settings.epochs}", f"key_set={bool(settings.label_studio_api_key)}")
+    for word in reason.split():
+        if word.startswith("sleep="):
+            time.sleep(float(word.split("=", 1)[1]))
+        if word == "fail":
+            raise RuntimeError(f"training exploded (token {settings.label_studio_api_key})")
+    _log(settings, "end", project_id, f"{time.time():.6f}", os.getpid(), reason)
+    return {"project": project_id, "reason": reason, "pid": os.getpid()}
+
+
+def read_runs(model_dir):
+    """Parsed log lines: (kind, project, time, pid, rest-of-line)."""
+    path = os.path.join(model_dir, LOG_NAME)
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            kind, project, t, pid, *rest = line.split()
+            rows.append((kind, int(project), float(t), int(pid), " ".join(rest)))
+    return rows
