@@ -201,3 +201,11 @@ def test_store_numbers_are_unique_across_processes(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert len(ModelStore(tmp_path).versions(1)) == 30
+
+
+def test_readme_documents_every_setting():
+    import dataclasses
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.metadata["env"] for f in dataclasses.fields(Settings) if f"`{f.metadata['env']}`" not in readme]
+    assert not missing, f"README lacks {missing}: run python scripts/update_readme_settings.py"
