@@ -22,6 +22,8 @@ Two flavours, same job code (`execute_job`):
   once: use Redis there.
 
 The job is a dotted path called as ``fn(project_id, settings, reason)`` returning a JSON-able summary.
+RQ messages carry the server's settings without secrets; a worker takes LABEL_STUDIO_API_KEY,
+BASIC_AUTH_PASS and REDIS_URL from its own environment, so give workers the server's env file.
 """
 from __future__ import annotations
 
