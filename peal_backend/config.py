@@ -39,6 +39,9 @@ class Settings:
                           "If set, training jobs go to an RQ queue on this Redis and `peal-backend worker` runs them; "
                           "if empty, an in-process background worker runs them (embedded default).")
     queue_name: str = _env("PEAL_QUEUE", "peal", "RQ queue name.")
+    job_lock_ttl: float = _env("PEAL_JOB_LOCK_TTL", 30.0, "Seconds a running training's lease lives without its heartbeat; "
+                               "a killed worker's project is free again after this.", float)
+    job_timeout: int = _env("PEAL_JOB_TIMEOUT", 21600, "RQ kills a training job running longer than this (seconds).", int)
 
     # --- Model ---------------------------------------------------------------------------------
     backbone: str = _env("PEAL_BACKBONE", "facebook/dinov2-small",

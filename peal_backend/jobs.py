@@ -445,7 +445,7 @@ class InProcessQueue:
     def __init__(self, settings: Settings, job: str = TRAIN_JOB, lock_ttl: float | None = None):
         self.settings = settings
         self.job = _check_job_path(job)
-        self.lock_ttl = float(lock_ttl or getattr(settings, "job_lock_ttl", LOCK_TTL))
+        self.lock_ttl = float(lock_ttl or settings.job_lock_ttl)
         self._store = MemoryStore()
         self._pending: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -565,8 +565,8 @@ class RedisQueue:
         self.settings = settings
         self.job = _check_job_path(job)
         self.key_prefix = key_prefix or default_key_prefix(settings)
-        self.lock_ttl = float(lock_ttl or getattr(settings, "job_lock_ttl", LOCK_TTL))
-        self.job_timeout = int(getattr(settings, "job_timeout", JOB_TIMEOUT))
+        self.lock_ttl = float(lock_ttl or settings.job_lock_ttl)
+        self.job_timeout = int(settings.job_timeout)
         self._store = RedisStore(settings.redis_url, self.key_prefix)
         self._rq_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
         self.rq_queue = rq.Queue(settings.queue_name, connection=self._rq_redis)

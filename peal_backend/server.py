@@ -18,6 +18,7 @@ from . import __version__
 from .backbone import BackboneLoadError
 from .config import Settings
 from .images import ImageFetcher
+from .jobs import QueueError
 from .model import LabelConfigError, PayloadError, PealModel, project_id
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     def backbone_error(exc):
         log.error("%s", exc)
         return jsonify(error=str(exc)), 503
+
+    @app.errorhandler(QueueError)
+    def queue_error(exc):
+        log.error("training queue unavailable: %s", exc)
+        return jsonify(error=f"training queue unavailable: {exc}"), 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
