@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
 import threading
 import time
@@ -99,9 +100,16 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     app.extensions["peal"] = {"settings": settings, "get_queue": get_queue, "get_model": get_model, "stats": stats}
 
     def body() -> dict:
-        data = request.get_json(silent=True)
+        # Parsed here rather than with get_json(silent=True): that lets RecursionError (deeply nested
+        # arrays) escape as a 500 and hides why a body is not JSON.
+        raw = request.get_data(cache=True)
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise PayloadError(f"request body is not valid JSON ({reason}); send a JSON object") from None
         if not isinstance(data, dict):
-            raise PayloadError("request body must be a JSON object")
+            raise PayloadError(f"request body must be a JSON object, got {type(data).__name__}")
         return data
 
     @app.before_request
