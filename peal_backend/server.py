@@ -187,6 +187,8 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     def webhook():
         data = body()
         action = data.get("action")
+        if not isinstance(action, str):  # a list or object here made the set lookup raise TypeError (500)
+            raise PayloadError(f"'action' must be a string such as \"ANNOTATION_CREATED\", got {type(action).__name__}")
         if action not in TRAINING_EVENTS and action != "START_TRAINING":
             return jsonify(status="Unknown event", action=action), 200
         pid = project_id(data.get("project"))
