@@ -86,9 +86,13 @@ def project_id(value) -> int:
     if isinstance(value, dict):
         value = value.get("id")
     try:
-        return int(str(value).split(".", 1)[0])
+        pid = int(str(value).split(".", 1)[0])
     except (TypeError, ValueError):
-        raise PayloadError(f"'project' must identify a project (e.g. \"12.1700000000\"), got {value!r}") from None
+        pid = -1
+    if pid < 0 or isinstance(value, bool):  # Label Studio ids are positive; -5 used to reach the queue and 500
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise PayloadError(f"'project' must identify a project (e.g. \"12.1700000000\"), got {shown}")
+    return pid
 
 
 def version_prefix(settings: Settings) -> str:
