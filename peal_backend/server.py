@@ -140,6 +140,8 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        if exc.code == 413:  # werkzeug's text does not say what the limit is
+            return jsonify(error=f"request body too large: the limit is {MAX_BODY_BYTES // (1024 * 1024)} MiB"), 413
         return jsonify(error=exc.description or exc.name), exc.code
 
     @app.errorhandler(Exception)
