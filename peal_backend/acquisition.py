@@ -26,17 +26,26 @@ from typing import Callable
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits  # ships with scikit-learn
 
 STRATEGIES: tuple[str, ...] = (
     "random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust",
 )
 FEATDIST_SPACES = ("embeddings", "logits")
 
-# Batch strategies place this many picks at the head of `rank`'s queue (rest by entropy): enough for
-# several cycles between retrains while keeping `rank` on 100k items to a few seconds.
-RANK_HEAD = 256
+# Batch strategies place this many picks at the head of `rank`'s queue (rest by entropy): several
+# cycles' worth at the default budget (one per class), while each pick costs a pass over the pool and
+# `rank` on 100k items must stay at a few seconds (benchmarks/selection.py measures it).
+RANK_HEAD = 100
 
 _BLOCK = 65536  # rows per block in blocked distance computations (about 100 MB at width 384)
+
+
+def _one_blas_thread():
+    """Greedy loops do one memory-bound matrix-vector product per pick: extra BLAS threads add a
+    wake-up and a sync per call and little bandwidth. Measured on the 2-core box: coreset on 10k items
+    0.2 s with one thread against 0.7-1.9 s with two; equal at 1M."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _empty_int() -> np.ndarray:
@@ -241,11 +250,12 @@ def kcenter_greedy(embeddings: np.ndarray, n: int, centers: np.ndarray = _empty_
         mind = sq - 2.0 * (x @ x[picks[0]]) + sq[picks[0]]
         mind[picks[0]] = -np.inf
         start = 1
-    for k in range(start, n):
-        i = int(np.argmax(mind))
-        picks[k] = i
-        np.minimum(mind, sq - 2.0 * (x @ x[i]) + sq[i], out=mind)
-        mind[i] = -np.inf
+    with _one_blas_thread():
+        for k in range(start, n):
+            i = int(np.argmax(mind))
+            picks[k] = i
+            np.minimum(mind, sq - 2.0 * (x @ x[i]) + sq[i], out=mind)
+            mind[i] = -np.inf
     return picks
 
 
@@ -271,25 +281,23 @@ def _d2_sampling(n: int, first: int, sqdist_from: Callable[[int], np.ndarray], a
     """k-means++ seeding: after `first`, draw each item with probability proportional to its squared
     distance to the nearest item drawn so far; uniform among the rest once every distance is zero."""
     avail = available.copy()
-    left = int(avail.sum())
-    n = min(n, left)
+    n = min(n, int(avail.sum()))
     if n <= 0:
         return _empty_int()
     picks = [first]
     avail[first] = False
-    left -= 1
-    mind = np.maximum(sqdist_from(first), 0.0)
-    while len(picks) < n:
-        cum = np.cumsum(np.where(avail, mind, 0.0), dtype=np.float64)
-        if cum[-1] > 0:
-            # an item with zero weight owns an empty interval of cum, so it cannot be drawn
-            i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-        else:
-            i = int(rng.choice(np.flatnonzero(avail)))
-        picks.append(i)
-        avail[i] = False
-        left -= 1
-        np.minimum(mind, np.maximum(sqdist_from(i), 0.0), out=mind)
+    with _one_blas_thread():
+        mind = np.maximum(sqdist_from(first), 0.0)
+        while len(picks) < n:
+            cum = np.cumsum(np.where(avail, mind, 0.0), dtype=np.float64)
+            if cum[-1] > 0:
+                # an item with zero weight owns an empty interval of cum, so it cannot be drawn
+                i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+            else:
+                i = int(rng.choice(np.flatnonzero(avail)))
+            picks.append(i)
+            avail[i] = False
+            np.minimum(mind, np.maximum(sqdist_from(i), 0.0), out=mind)
     return np.asarray(picks, dtype=np.int64)
 
 
@@ -339,9 +347,10 @@ def badge(probs: np.ndarray, embeddings: np.ndarray, n: int, labeled: np.ndarray
 def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     if k <= 1:
         return np.zeros(x.shape[0], dtype=np.int64)
-    # faiss trains on at most k * 128 sampled points, then assigns every point to its centroid
-    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=128)
+    # faiss trains on at most k * 64 sampled points, then assigns every point to its centroid: the
+    # clusters only need to be roughly right, and training on the full 1M pool would take minutes
+    km = faiss.Kmeans(x.shape[1], k, niter=10, seed=seed, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=64)
     km.train(x)
     out = np.empty(x.shape[0], dtype=np.int64)
     for s in range(0, x.shape[0], _BLOCK):
