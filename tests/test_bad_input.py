@@ -1,0 +1,371 @@
+"""Bad input at the HTTP edge: every case gets a clear 4xx (or, inside a /predict batch, an error
+result for that task only) and never a 500 or a half-done batch.
+
+Real images are served over loopback by `ImageServer`; the model is a real version trained on real
+PneumoniaMNIST images with the tiny DINOv2. Cases that need Label Studio itself (annotations with
+unknown labels, cancelled annotations, deleted tasks, a single class) are in the `labelstudio`
+section at the end.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from peal_backend.backbone import build_classifier
+from peal_backend.config import Settings
+from peal_backend.images import preprocess, to_pil
+from peal_backend.jobs import make_queue
+from peal_backend.model import model_settings
+from peal_backend.server import MAX_BODY_BYTES, create_app
+from peal_backend.store import ModelStore
+from peal_backend.training import fit
+from tests.backbone_fixture import tiny_backbone  # noqa: F401
+from tests.conftest import DATASETS, ImageServer
+
+PROJECT = "7.1700000000"
+LABELS = ("normal", "pneumonia")
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="diagnosis" toName="image"><Choice value="normal"/><Choice value="pneumonia"/></Choices>
+</View>"""
+SECRET_KEY = "ls-api-key-SECRET-7f3a9"
+SECRET_PASS = "basic-pass-SECRET-41c2"
+MAX_BYTES = 200_000
+
+
+def pneumonia(n):
+    with np.load(DATASETS / "pneumoniamnist.npz") as d:
+        return d["train_images"][:n], d["train_labels"][:n, 0]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels but carries (almost) no data: a decompression bomb's
+    header. Built by hand so the test does not have to allocate the pixels it declares."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    server = ImageServer(tmp_path_factory.mktemp("served"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, tiny_backbone, served):
+    model_dir = tmp_path_factory.mktemp("models")
+    s = Settings(backbone=tiny_backbone, adapter="linear", model_dir=str(model_dir),
+                 label_studio_url=served.base_url, allowed_hosts="127.0.0.1:9",
+                 fetch_timeout=1.0, max_image_bytes=MAX_BYTES, epochs=3, min_steps=10, log_level="WARNING")
+    images, labels = pneumonia(24)
+    model = build_classifier(s, 2)
+    fit(model, preprocess([to_pil(a) for a in images], 28), torch.tensor(labels.astype(np.int64)), s)
+    meta = {"labels": list(LABELS), "multiple": False, "model_settings": model_settings(s)}
+    ModelStore(s.model_dir).save(7, "peal-linear", model.trainable_state(), meta)
+    return s
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    queue = make_queue(settings, job="tests.jobfuncs.scripted")
+    yield create_app(settings, queue=queue).test_client()
+    queue.close()
+
+
+@pytest.fixture(scope="module")
+def good_tasks(served):
+    images, _ = pneumonia(4)
+    tasks = []
+    for i, arr in enumerate(images):
+        path = served.dir / f"data/upload/7/good{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(arr).save(path, format="PNG")
+        url = f"/data/upload/7/good{i}.png" if i % 2 == 0 else served.url(f"/data/upload/7/good{i}.png")
+        tasks.append({"id": 100 + i, "data": {"image": url}, "project": 7})
+    return tasks
+
+
+def predict_batch(client, good_tasks, bad_tasks):
+    """POST good[:2] + bad + good[2:]; check every good task got a real prediction; return the bad ones' results."""
+    batch = good_tasks[:2] + bad_tasks + good_tasks[2:]
+    r = client.post("/predict", json={"tasks": batch, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200, r.json
+    results = r.json["results"]
+    assert len(results) == len(batch)
+    good = results[:2] + results[2 + len(bad_tasks):]
+    for res in good:
+        assert "error" not in res
+        (region,) = res["result"]
+        assert region["value"]["choices"][0] in LABELS and 0.0 <= res["score"] <= 1.0
+        assert res["model_version"] == "peal-linear-v1"
+    bad = results[2:2 + len(bad_tasks)]
+    for res in bad:
+        assert res["result"] == [] and res["score"] is None and res["model_version"] == "peal-linear-v1"
+    return bad
+
+
+# --- bad tasks inside a /predict batch: that task errs, the rest are predicted ---------------------
+
+def _real_png(n_bytes_kept=None):
+    images, _ = pneumonia(1)
+    import io
+    buf = io.BytesIO()
+    to_pil(images[0]).save(buf, format="PNG")
+    data = buf.getvalue()
+    return data if n_bytes_kept is None else data[:n_bytes_kept]
+
+
+def _real_jpeg_truncated():
+    import io
+    images, _ = pneumonia(1)
+    buf = io.BytesIO()
+    to_pil(np.kron(images[0], np.ones((8, 8), np.uint8))).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+def _redirect_loop(served):
+    def loop(handler, query):
+        handler.send_response(302)
+        handler.send_header("Location", "/loop")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    served.routes["/loop"] = loop
+    return served.url("/loop")
+
+
+# name -> (task data builder given the server, substring the task's error must contain)
+IMAGE_CASES = {
+    "no_image_field": (lambda s: {"text": "x"}, "no image URL in data['image']"),
+    "image_not_a_string": (lambda s: {"image": 12345}, "no image URL in data['image']"),
+    "blank_image_url": (lambda s: {"image": "   "}, "no image URL"),
+    "corrupt_png": (lambda s: {"image": s.add("bad/corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\x13" * 500)},
+                    "corrupt"),
+    "truncated_png": (lambda s: {"image": s.add("bad/trunc.png", _real_png(60))}, "truncated"),
+    "truncated_jpeg": (lambda s: {"image": s.add("bad/trunc.jpg", _real_jpeg_truncated())}, "truncated"),
+    "empty_file": (lambda s: {"image": s.add("bad/empty.png", b"")}, "empty body"),
+    "text_file": (lambda s: {"image": s.add("bad/notes.txt", b"hello, not an image\n")}, "not an image"),
+    "pdf_file": (lambda s: {"image": s.add("bad/doc.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n")}, "not an image"),
+    "decompression_bomb": (lambda s: {"image": s.add("bad/bomb.png", png_header_only(100_000, 100_000))},
+                           "too many pixels"),
+    "enormous_file": (lambda s: {"image": s.url(f"/huge?bytes={MAX_BYTES * 3}")}, "too large"),
+    "enormous_file_no_length": (lambda s: {"image": s.url(f"/huge?bytes={MAX_BYTES * 3}&length=0")}, "too large"),
+    "http_404": (lambda s: {"image": s.url("/bad/missing.png")}, "HTTP 404"),
+    "http_500": (lambda s: {"image": s.url("/status/500")}, "HTTP 500"),
+    "unreachable_host": (lambda s: {"image": "http://127.0.0.1:9/x.png"}, "request failed"),
+    "timeout": (lambda s: {"image": s.url("/slow/data/upload/7/good0.png?delay=5")}, "timed out"),
+    "trickling_body": (lambda s: {"image": s.url("/trickle?chunks=50&interval=0.1")}, "timed out"),
+    "disallowed_host": (lambda s: {"image": s.url("/data/upload/7/good0.png", host="localhost")},
+                        "host 'localhost:"),
+    "file_scheme": (lambda s: {"image": "file:///etc/passwd"}, "scheme 'file' is not allowed"),
+    "ftp_scheme": (lambda s: {"image": "ftp://127.0.0.1/x.png"}, "scheme 'ftp' is not allowed"),
+    "redirect_to_disallowed_host": (
+        lambda s: {"image": s.url("/redirect?to=" + s.url("/data/upload/7/good1.png", host="localhost"))},
+        "redirected to"),
+    "redirect_to_file": (lambda s: {"image": s.url("/redirect?to=file:///etc/passwd")}, "scheme 'file'"),
+    "redirect_loop": (lambda s: {"image": _redirect_loop(s)}, "more than 3 redirects"),
+    "bad_data_uri": (lambda s: {"image": "data:image/png;base64,@@not-base64@@"}, "invalid base64"),
+    "data_uri_not_image": (lambda s: {"image": "data:text/html;base64,PGgxPg=="}, "only data:image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_bad_task_gets_an_error_and_the_rest_of_the_batch_is_predicted(case, client, good_tasks, served):
+    build, expected = IMAGE_CASES[case]
+    (res,) = predict_batch(client, good_tasks, [{"id": 900, "data": build(served), "project": 7}])
+    assert expected in res["error"], res["error"]
+
+
+def test_disallowed_host_and_file_url_are_never_fetched(client, good_tasks, served):
+    served.clear()
+    other = served.url("/data/upload/7/good2.png", host="localhost")
+    bad = predict_batch(client, good_tasks, [{"id": 901, "data": {"image": other}},
+                                             {"id": 902, "data": {"image": "file:///etc/passwd"}}])
+    assert "not allowed (add it to PEAL_ALLOWED_HOSTS)" in bad[0]["error"]
+    assert "file" in bad[1]["error"] and "root:" not in json.dumps(bad)
+    assert not [r for r in served.requests if r.host.startswith("localhost")]
+
+
+def test_tasks_that_are_not_objects_get_errors(client, good_tasks):
+    bad = predict_batch(client, good_tasks, [5, "task", None, {"id": 3, "data": "image.png"}, {"id": 4}])
+    assert [("must be an object" in r["error"]) for r in bad[:3]] == [True] * 3
+    assert all("no 'data' object" in r["error"] for r in bad[3:])
+
+
+def test_every_bad_kind_in_one_batch(client, good_tasks, served):
+    bad = [{"id": 1000 + i, "data": IMAGE_CASES[c][0](served)} for i, c in enumerate(sorted(IMAGE_CASES))
+           if c not in ("timeout", "trickling_body")]  # the slow two have their own tests
+    results = predict_batch(client, good_tasks, bad)
+    assert all(r["error"] for r in results)
+
+
+def test_a_batch_of_only_bad_tasks_answers_one_error_each(client):
+    tasks = [{"id": i, "data": {"image": "file:///x"}} for i in range(3)]
+    r = client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200 and [x["result"] for x in r.json["results"]] == [[], [], []]
+    assert all("scheme 'file'" in x["error"] for x in r.json["results"])
+
+
+def test_empty_task_list_is_fine(client):
+    r = client.post("/predict", json={"tasks": [], "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200 and r.json["results"] == []
+
+
+def test_model_trained_on_other_choices_answers_an_error_per_task(client, good_tasks):
+    config = CONFIG.replace('<Choice value="pneumonia"/>', '<Choice value="covid"/>')
+    r = client.post("/predict", json={"tasks": good_tasks, "project": PROJECT, "label_config": config})
+    assert r.status_code == 200
+    assert all(x["result"] == [] and "label choices changed" in x["error"] for x in r.json["results"])
+
+
+# --- bad bodies: a 4xx naming the problem --------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/predict", "/setup", "/webhook"])
+@pytest.mark.parametrize("raw, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "not valid JSON"),
+    (b"\xff\xfe\x00garbage", 400, "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (b'{"project": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object, got list"),
+    (b'"text"', 400, "must be a JSON object, got str"),
+    (b"null", 400, "must be a JSON object, got NoneType"),
+])
+def test_malformed_bodies(client, path, raw, status, message):
+    r = client.post(path, data=raw, content_type="application/json")
+    assert r.status_code == status and message in r.json["error"], (r.status_code, r.json)
+
+
+@pytest.mark.parametrize("path", ["/predict", "/webhook"])
+def test_huge_body_is_refused_with_413(client, path):
+    big = b'{"tasks": ["' + b"x" * (MAX_BODY_BYTES + 10) + b'"]}'
+    r = client.post(path, data=big, content_type="application/json")
+    assert r.status_code == 413 and "too large" in r.json["error"] and "32 MiB" in r.json["error"]
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"project": PROJECT, "label_config": CONFIG}, "'tasks' must be a list"),
+    ({"tasks": {"id": 1}, "project": PROJECT, "label_config": CONFIG}, "'tasks' must be a list"),
+    ({"tasks": [], "project": "abc", "label_config": CONFIG}, "'project'"),
+    ({"tasks": [], "project": -3, "label_config": CONFIG}, "'project'"),
+    ({"tasks": [], "project": True, "label_config": CONFIG}, "'project'"),
+    ({"tasks": [], "project": {"id": None}, "label_config": CONFIG}, "'project'"),
+    ({"tasks": [], "project": PROJECT, "label_config": ["<View/>"]}, "no label config given"),
+])
+def test_predict_payload_errors_name_the_field(client, payload, message):
+    r = client.post("/predict", json=payload)
+    assert r.status_code == 400 and message in r.json["error"], r.json
+
+
+NO_IMAGE = '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>'
+NO_CHOICES = '<View><Image name="i" value="$i"/><Labels name="l" toName="i"><Label value="a"/></Labels></View>'
+UNLINKED = ('<View><Image name="i" value="$i"/><Text name="t" value="$t"/>'
+            '<Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>')
+ONE_CHOICE = '<View><Image name="i" value="$i"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
+
+
+@pytest.mark.parametrize("config, message", [
+    (NO_IMAGE, "no <Image> tag"),
+    (NO_CHOICES, "no <Choices> tag"),
+    (UNLINKED, "no <Choices> tag points at an <Image>"),
+    (ONE_CHOICE, "needs at least two <Choice>"),
+    ("<View><Image name=", "not valid XML"),
+    ("", "no label config given"),
+])
+def test_unusable_label_configs(client, good_tasks, config, message):
+    r = client.post("/setup", json={"project": PROJECT, "schema": config})
+    assert r.status_code == 400 and message in r.json["error"], r.json
+    if config:  # an empty one makes /predict ask Label Studio for the project's config instead
+        r = client.post("/predict", json={"tasks": good_tasks, "project": PROJECT, "label_config": config})
+        assert r.status_code == 400 and message in r.json["error"], r.json
+
+
+@pytest.mark.parametrize("payload, status, message", [
+    ({"project": 7}, 400, "'action' must be a string"),
+    ({"action": {"x": 1}, "project": 7}, 400, "'action' must be a string"),
+    ({"action": ["START_TRAINING"], "project": 7}, 400, "'action' must be a string"),
+    ({"action": "START_TRAINING"}, 400, "'project'"),
+    ({"action": "START_TRAINING", "project": -1}, 400, "'project'"),
+    ({"action": "ANNOTATION_CREATED", "project": {"id": "x"}}, 400, "'project'"),
+    ({"action": "PROJECT_DELETED", "project": {"id": 7}}, 200, None),
+])
+def test_webhook_payload_errors(client, payload, status, message):
+    r = client.post("/webhook", json=payload)
+    assert r.status_code == status, r.json
+    if message:
+        assert message in r.json["error"]
+
+
+def test_unknown_routes_and_methods_are_json_4xx(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json["error"]
+    r = client.get("/predict")
+    assert r.status_code == 405 and r.json["error"]
+    assert client.get("/jobs/abc").status_code == 404
+
+
+# --- basic auth and secrets ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def auth_client(settings):
+    s = settings.replace(basic_auth_user="annotator", basic_auth_pass=SECRET_PASS + "-pässwörd",
+                         label_studio_api_key=SECRET_KEY)
+    queue = make_queue(s, job="tests.jobfuncs.scripted")
+    yield create_app(s, queue=queue).test_client()
+    queue.close()
+
+
+def _basic(raw: bytes) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer abc"},
+    {"Authorization": "Basic"},
+    {"Authorization": "Basic !!!not-base64!!!"},
+    _basic(b"\xff\xfe\xfd"),                                     # not UTF-8
+    _basic(b"annotator"),                                        # no colon
+    _basic(b"annotator:"),                                       # empty password
+    _basic(b"annotator:" + SECRET_PASS.encode()),                # prefix of the password
+    _basic(("annotator:" + SECRET_PASS + "-passworx").encode()),  # same length, last char wrong
+    _basic(("someone:" + SECRET_PASS + "-pässwörd").encode()),    # right password, wrong user
+])
+def test_basic_auth_refuses_without_crashing(auth_client, headers):
+    r = auth_client.post("/setup", json={"project": PROJECT, "schema": CONFIG}, headers=headers)
+    assert r.status_code == 401 and r.json == {"error": "authentication required"}
+    assert r.headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_basic_auth_accepts_non_ascii_password(auth_client):
+    # hmac.compare_digest raises TypeError on non-ASCII str; the server compares bytes
+    good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
+    r = auth_client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": 7}, headers=good)
+    assert r.status_code == 200 and r.json["status"] == "Unknown event"
+
+
+def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
+    caplog.set_level(logging.DEBUG)
+    good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
+    tasks = [{"id": 1, "data": {"image": served.url(f"/status/401?token={SECRET_KEY}")}},
+             {"id": 2, "data": {"image": f"http://user:{SECRET_PASS}@127.0.0.1:9/x.png"}},
+             {"id": 3, "data": {"image": f"/data/upload/7/missing.png?sig={SECRET_KEY}"}}]
+    bodies = [auth_client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG},
+                               headers=good).get_data(as_text=True),
+              auth_client.post("/setup", json={"project": PROJECT, "schema": CONFIG},
+                               headers=_basic(f"annotator:{SECRET_PASS}".encode())).get_data(as_text=True),
+              auth_client.get("/metrics", headers=good).get_data(as_text=True)]
+    # the label-studio auth header really was sent for the relative URL, so the key was in play
+    assert any(r.headers.get("authorization") == f"Token {SECRET_KEY}" for r in served.requests)
+    text = "\n".join(bodies) + "\n" + caplog.text
+    assert "HTTP 404" in text and "HTTP 401" in text
+    assert SECRET_KEY not in text and SECRET_PASS not in text
