@@ -99,7 +99,7 @@ def main() -> None:
     gf = forward_gflop()
     ips = {"plain fp32 eager (no_grad, batch 8)": n / t_plain,
            f"fp32 sdpa inference_mode (batch {args.batch})": n / t_fp32,
-           f"bf16 autocast sdpa inference_mode (batch {args.batch})": n / t_bf16}
+           f"bf16 sdpa inference_mode, backend path (batch {args.batch})": n / t_bf16}
     print(f"threads: {torch.get_num_threads()}  images: {n}  forward: {gf:.1f} GFLOP/image")
     print(f"matmul roofline: fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s")
     print(f"{'path':<52} {'images/s':>9} {'GFLOP/s':>8} {'% bf16 roofline':>16}")
