@@ -1,0 +1,66 @@
+"""The activation cache: cached re-scores equal full forwards, and cached images skip the backbone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peal_backend.backbone import build_classifier
+from peal_backend.config import Settings
+from peal_backend.images import content_hash, preprocess, to_pil
+from peal_backend.scoring import ActivationCache, cache_key, cacheable, score_cached
+from peal_backend.training import fit, predict
+from tests.backbone_fixture import tiny_backbone  # noqa: F401
+from tests.conftest import DATASETS
+
+
+@pytest.fixture(scope="module")
+def retina():
+    with np.load(DATASETS / "retinamnist.npz") as d:
+        arrays, labels = d["train_images"][:48], d["train_labels"][:48, 0]
+    hashes = [content_hash(a.tobytes()) for a in arrays]
+    return preprocess([to_pil(a) for a in arrays], 28), torch.tensor(labels.astype(np.int64)), hashes
+
+
+def no_backbone(_positions):
+    raise AssertionError("the backbone ran for an image that is in the cache")
+
+
+@pytest.mark.parametrize("adapter,extra", [("linear", {}), ("lora", {"lora_last_k": 1})])
+def test_cached_rescore_matches_full_forward_and_skips_the_backbone(tmp_path, tiny_backbone, retina, adapter, extra):
+    pixels, labels, hashes = retina
+    s = Settings(backbone=tiny_backbone, adapter=adapter, epochs=3, min_steps=10, **extra)
+    clf = build_classifier(s, 5)
+    assert cacheable(clf)
+    fit(clf, pixels[:24], labels[:24], s)
+    cache = ActivationCache(tmp_path / cache_key(s, clf, 28))
+    first = score_cached(clf, s, hashes, pixels, cache)
+    full = predict(clf, pixels, s)
+    np.testing.assert_allclose(first.probs, full.probs, atol=2e-3)
+    np.testing.assert_allclose(first.embeddings, full.embeddings, atol=2e-2)
+    assert len(cache) == len(set(hashes))
+    # next cycle: the adapter and head change, the frozen part is reused from disk by a new process's cache
+    fit(clf, pixels, labels, s)
+    again = score_cached(clf, s, hashes, no_backbone, ActivationCache(cache.root))
+    np.testing.assert_allclose(again.probs, predict(clf, pixels, s).probs, atol=2e-3)
+
+
+def test_nothing_to_cache_for_prompts_or_lora_everywhere(tiny_backbone):
+    assert not cacheable(build_classifier(Settings(backbone=tiny_backbone, adapter="prompt"), 2))
+    assert not cacheable(build_classifier(Settings(backbone=tiny_backbone, adapter="lora"), 2))
+
+
+def test_incomplete_shard_is_ignored(tmp_path):
+    cache = ActivationCache(tmp_path)
+    cache.put(["a", "b"], np.ones((2, 4), np.float32))
+    np.save(tmp_path / "shard-dead.npy", np.zeros((1, 4)))  # a writer died before its hash list
+    assert cache.missing(["a", "b", "c"]) == [2]
+    np.testing.assert_array_equal(ActivationCache(tmp_path).get(["b"]), np.ones((1, 4)))
+
+
+def test_cache_key_separates_backbones_sizes_and_blocks(tiny_backbone):
+    s = Settings(backbone=tiny_backbone, adapter="lora", lora_last_k=1)
+    clf = build_classifier(s, 2)
+    keys = {cache_key(s, clf, 28), cache_key(s, clf, 56), cache_key(s.replace(features="cls"), clf, 28),
+            cache_key(s, build_classifier(s.replace(adapter="linear"), 2), 28)}
+    assert len(keys) == 4
