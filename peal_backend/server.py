@@ -20,6 +20,7 @@ from .backbone import BackboneLoadError
 from .config import Settings
 from .images import ImageFetcher
 from .jobs import QueueError
+from .labelstudio import LabelStudioError
 from .model import LabelConfigError, PayloadError, PealModel, project_id
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,12 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         log.error("%s", exc)
         return jsonify(error=str(exc)), 503
 
+    @app.errorhandler(LabelStudioError)
+    def label_studio_error(exc):
+        # Label Studio down or refusing us is not our bug: a 502 naming the call (the message never holds the token)
+        log.error("Label Studio: %s", exc)
+        return jsonify(error=f"Label Studio request failed: {exc}"), 502
+
     @app.errorhandler(QueueError)
     def queue_error(exc):
         log.error("training queue unavailable: %s", exc)
@@ -177,7 +184,10 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         pid = project_id(data.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict) else None))
         config = data.get("label_config")
         if not config:
-            config = ls_client().project(pid)["label_config"]
+            if not settings.label_studio_api_key:  # LabelStudio() would raise ValueError: a 500
+                raise PayloadError("no 'label_config' in the request, and LABEL_STUDIO_API_KEY is not set "
+                                   "to read it from Label Studio")
+            config = ls_client().project(pid).get("label_config")
         results = get_model().predict(tasks, pid, config)
         stats.count("predict_requests")
         stats.count("predict_tasks", len(tasks))
