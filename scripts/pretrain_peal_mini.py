@@ -1,0 +1,453 @@
+#!/usr/bin/env python
+"""Pretrain `peal-mini`: a small DINOv2-architecture ViT, self-supervised, on an offline corpus.
+
+Method (as DINOv2 is trained, scaled down for a 2-core CPU): DINO self-distillation (student and EMA
+teacher, centering + sharpening, multi-crop with 2 global and several local crops) plus iBOT's masked
+patch loss (the student sees masked global crops, the teacher the full ones). The teacher backbone is
+saved with `save_pretrained` (safetensors) together with PROVENANCE.json.
+
+Corpus, all offline and real (never test images):
+  * Fashion-MNIST train images (Debian `dataset-fashion-mnist`)
+  * random crops of the photographs and artwork in Debian wallpaper packages
+    (`plasma-workspace-wallpapers`, `gnome-backgrounds`, `mate-backgrounds`)
+  * the unlabeled TRAIN pools of /work/shared/datasets/{retinamnist,pneumoniamnist}.npz
+
+    python scripts/pretrain_peal_mini.py --install-packages          # the full run (~40 min on a shared 2-core CPU)
+    python scripts/pretrain_peal_mini.py --steps 30 --out /tmp/smoke  # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+DEBIAN_PACKAGES = ("dataset-fashion-mnist", "plasma-workspace-wallpapers", "gnome-backgrounds", "mate-backgrounds")
+FMNIST_FILE = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+WALLPAPER_DIRS = (Path("/usr/share/wallpapers"), Path("/usr/share/backgrounds"))
+SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS", "/work/shared/datasets"))
+DOMAIN_SETS = ("retinamnist", "pneumoniamnist")
+IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------- corpus
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def install_packages() -> None:
+    """apt-get install the Debian packages that hold the corpus (needs root)."""
+    missing = [p for p in DEBIAN_PACKAGES
+               if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    if not missing:
+        return
+    print("installing", missing, flush=True)
+    subprocess.run(["apt-get", "update"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def package_versions() -> dict:
+    out = {}
+    for p in DEBIAN_PACKAGES:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", p], capture_output=True, text=True)
+        out[p] = r.stdout.strip() if r.returncode == 0 else None
+    return out
+
+
+def load_fmnist(path: Path = FMNIST_FILE) -> np.ndarray:
+    """Fashion-MNIST train images, (60000, 28, 28) uint8, from the IDX file."""
+    if not path.exists():
+        sys.exit(f"missing {path}: install the Debian package dataset-fashion-mnist "
+                 "(or run with --install-packages)")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def wallpaper_files() -> list[Path]:
+    """Raster wallpapers; for multi-resolution KDE wallpapers keep only the largest file per folder."""
+    files = []
+    for root in WALLPAPER_DIRS:
+        if root.exists():
+            files += [p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")
+                      and not p.name.startswith("screenshot")]
+    best: dict[Path, Path] = {}
+    for p in sorted(files):
+        key = p.parent if "contents" in p.parts else p
+        if key not in best or p.stat().st_size > best[key].stat().st_size:
+            best[key] = p
+    return sorted(best.values())
+
+
+def wallpaper_crops(files: list[Path], per_image: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Random square crops (5%-50% of the short side) of each wallpaper, resized to size x size RGB."""
+    from PIL import Image
+
+    crops = []
+    for path in files:
+        try:
+            img = Image.open(path)
+            img.draft("RGB", (1600, 1600))  # JPEG: decode at reduced scale, much faster
+            img = img.convert("RGB")
+        except Exception as exc:  # an unreadable file is skipped, not fatal
+            print(f"skip {path}: {exc}", flush=True)
+            continue
+        if max(img.size) > 1600:
+            img.thumbnail((1600, 1600))
+        w, h = img.size
+        for _ in range(per_image):
+            side = int(min(w, h) * rng.uniform(0.05, 0.5))
+            side = max(side, size)
+            x, y = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+            crop = img.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BOX)
+            crops.append(np.asarray(crop))
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    return np.repeat(images[..., None], 3, axis=-1) if images.ndim == 3 else images
+
+
+def build_corpus(args, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict]:
+    """Each source as a (N, 28, 28, 3) uint8 array, and a record of where it came from."""
+    sources, record = {}, {}
+    sources["fashion_mnist"] = to_rgb(load_fmnist())
+    record["fashion_mnist"] = {"file": str(FMNIST_FILE), "sha256": sha256(FMNIST_FILE),
+                               "images": len(sources["fashion_mnist"])}
+    files = wallpaper_files()
+    if not files:
+        sys.exit("no wallpapers found: install " + " ".join(DEBIAN_PACKAGES[1:]) + " (or run with --install-packages)")
+    sources["wallpapers"] = wallpaper_crops(files, args.crops_per_wallpaper, args.image_size, rng)
+    listing = "\n".join(f"{p} {sha256(p)}" for p in files)
+    record["wallpapers"] = {"files": len(files), "crops": len(sources["wallpapers"]),
+                            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    for name in DOMAIN_SETS:
+        path = SHARED / f"{name}.npz"
+        with np.load(path) as d:
+            sources[name] = to_rgb(d["train_images"])  # the unlabeled TRAIN pool only, never test
+        record[name] = {"file": str(path), "sha256": sha256(path), "split": "train_images",
+                        "images": len(sources[name])}
+    for name, arr in sources.items():
+        if arr.shape[1:] != (args.image_size, args.image_size, 3):
+            raise ValueError(f"{name}: images are {arr.shape[1:]}, expected {args.image_size}px RGB")
+    return sources, record
+
+
+# ---------------------------------------------------------------------------------- augmentation
+def random_resized_crop(x: torch.Tensor, out: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    """Batched RandomResizedCrop + horizontal flip with one affine grid per image."""
+    n = x.shape[0]
+    area = torch.empty(n).uniform_(*scale, generator=g)
+    log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+    w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
+    h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
+    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, (n, 3, out, out), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p: float) -> torch.Tensor:
+    """Colour jitter (p=0.8), grayscale (p=0.2), blur, solarisation; x in [0, 1]."""
+    n = x.shape[0]
+
+    def per(p):  # a (n,1,1,1) mask: which images get this transform
+        return (torch.rand(n, generator=g) < p).float().view(n, 1, 1, 1)
+
+    def factor(lo, hi):
+        return torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=g)
+
+    jit = per(0.8)
+    gray = x.mean(dim=1, keepdim=True)
+    x = x + jit * (x * factor(0.6, 1.4) - x)  # brightness
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = x + jit * ((x - mean) * factor(0.6, 1.4) + mean - x)  # contrast
+    gray = x.mean(dim=1, keepdim=True)
+    x = x + jit * ((x - gray) * factor(0.8, 1.2) + gray - x)  # saturation
+    x = x.clamp(0, 1)
+    gm = per(0.2)
+    x = x + gm * (x.mean(dim=1, keepdim=True).expand_as(x) - x)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), kernel, groups=3)
+    x = x + per(blur_p) * factor(0.3, 1.0) * (blurred - x)
+    sol = per(solarize_p)
+    x = x + sol * (torch.where(x > 0.5, 1 - x, x) - x)
+    return x
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def multi_crop(batch_u8: torch.Tensor, args, g: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two global views (image_size) and args.local_crops local views (args.local_size)."""
+    x = batch_u8.permute(0, 3, 1, 2).float() / 255.0
+    glob = [normalise(color_augment(random_resized_crop(x, args.image_size, (0.3, 1.0), g), g, blur_p, sol_p))
+            for blur_p, sol_p in ((0.8, 0.0), (0.1, 0.2))]
+    local = [normalise(color_augment(random_resized_crop(x, args.local_size, (0.05, 0.3), g), g, 0.5, 0.0))
+             for _ in range(args.local_crops)]
+    return glob, local
+
+
+# ------------------------------------------------------------------------------------------ model
+class ProjectionHead(nn.Module):
+    """DINO head: 3-layer MLP, L2-normalised bottleneck, weight-normalised prototypes."""
+
+    def __init__(self, dim: int, out: int, hidden: int = 512, bottleneck: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out, bias=False))
+        self.last.parametrizations.weight.original0.data.fill_(1.0)
+        self.last.parametrizations.weight.original0.requires_grad = False
+
+    def forward(self, x):
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+class Network(nn.Module):
+    def __init__(self, backbone, out_dim: int):
+        super().__init__()
+        dim = backbone.config.hidden_size
+        self.backbone = backbone
+        self.cls_head = ProjectionHead(dim, out_dim)
+        self.patch_head = ProjectionHead(dim, out_dim)
+
+    def forward(self, x, mask=None):
+        h = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
+        return self.cls_head(h[:, 0]), h[:, 1:]
+
+
+def make_config(args):
+    from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=args.hidden, num_hidden_layers=args.depth, num_attention_heads=args.heads,
+                        intermediate_size=4 * args.hidden, patch_size=args.patch, image_size=args.image_size,
+                        num_channels=3, drop_path_rate=args.drop_path, layerscale_value=1.0)
+
+
+def random_masks(n: int, num_patches: int, g: torch.Generator) -> torch.Tensor:
+    """iBOT masking: half the images get 10-50% of their patches masked, the others none."""
+    ratio = torch.empty(n).uniform_(0.1, 0.5, generator=g) * (torch.rand(n, generator=g) < 0.5)
+    scores = torch.rand(n, num_patches, generator=g)
+    k = (ratio * num_patches).round().long()
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return ranks < k[:, None]
+
+
+# --------------------------------------------------------------------------------------- losses
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center, s_temp, t_temp) -> torch.Tensor:
+    """Cross-entropy between sharpened centred teacher globals and every other student view."""
+    t_probs = [F.softmax((t - center) / t_temp, dim=-1) for t in teacher]
+    total, pairs = 0.0, 0
+    for ti, tp in enumerate(t_probs):
+        for si, s in enumerate(student):
+            if si == ti:
+                continue
+            total = total + torch.sum(-tp * F.log_softmax(s / s_temp, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+def ibot_loss(student_patch, teacher_patch, center, s_temp, t_temp) -> torch.Tensor:
+    """Cross-entropy on the masked patches (rows: masked tokens of all images)."""
+    if student_patch.shape[0] == 0:
+        return student_patch.sum()
+    tp = F.softmax((teacher_patch - center) / t_temp, dim=-1)
+    return torch.sum(-tp * F.log_softmax(student_patch / s_temp, dim=-1), dim=-1).mean()
+
+
+def cosine(step: int, total: int, start: float, end: float, warmup: int = 0) -> float:
+    """Cosine from start to end over the steps after warmup."""
+    t = max(step - warmup, 0) / max(total - warmup, 1)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------------- training
+def sample_batch(sources: dict[str, np.ndarray], weights: dict[str, float], n: int,
+                 rng: np.random.Generator) -> torch.Tensor:
+    names = list(weights)
+    p = np.array([weights[k] for k in names], float)
+    counts = rng.multinomial(n, p / p.sum())
+    parts = [sources[k][rng.integers(0, len(sources[k]), c)] for k, c in zip(names, counts) if c]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    t_start = time.time()
+    sources, corpus = build_corpus(args, rng)
+    print("corpus:", {k: len(v) for k, v in sources.items()}, f"({time.time() - t_start:.0f}s)", flush=True)
+    weights = {"fashion_mnist": args.w_fmnist, "wallpapers": args.w_wallpapers,
+               "retinamnist": args.w_domain / 2, "pneumoniamnist": args.w_domain / 2}
+
+    from transformers import Dinov2Model
+
+    config = make_config(args)
+    student = Network(Dinov2Model(config), args.out_dim)
+    teacher = Network(Dinov2Model(config), args.out_dim)
+    teacher.load_state_dict(student.state_dict())
+    teacher.eval()  # no drop-path in the teacher
+    for p in teacher.parameters():
+        p.requires_grad = False
+    n_params = sum(p.numel() for p in student.backbone.parameters())
+    print(f"backbone parameters: {n_params:,}", flush=True)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    center = torch.zeros(1, args.out_dim)
+    patch_center = torch.zeros(1, args.out_dim)
+    num_patches = (args.image_size // args.patch) ** 2
+    warmup = max(1, int(args.warmup_frac * args.steps))
+    log, t_train = [], time.time()
+    for step in range(args.steps):
+        lr = args.lr * (step + 1) / warmup if step < warmup else cosine(step, args.steps, args.lr, args.min_lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        momentum = cosine(step, args.steps, args.ema, 1.0)
+        t_temp = args.teacher_temp if step >= warmup else 0.04 + (args.teacher_temp - 0.04) * step / warmup
+        batch = sample_batch(sources, weights, args.batch_size, rng)
+        glob, local = multi_crop(batch, args, g)
+        masks = [random_masks(args.batch_size, num_patches, g) for _ in glob]
+
+        with torch.no_grad():
+            t_out = [teacher(v) for v in glob]
+            t_cls = [o[0] for o in t_out]
+            # the patch heads only see masked tokens: the loss ignores the others
+            t_patch = [teacher.patch_head(o[1][m]) for o, m in zip(t_out, masks)]
+        s_glob = [student(v, m) for v, m in zip(glob, masks)]
+        s_cls = [o[0] for o in s_glob] + [student(v)[0] for v in local]
+        loss_dino = dino_loss(s_cls, t_cls, center, args.student_temp, t_temp)
+        loss_ibot = sum(ibot_loss(student.patch_head(o[1][m]), tp, patch_center, args.student_temp, t_temp)
+                        for o, tp, m in zip(s_glob, t_patch, masks)) / len(glob)
+        loss = loss_dino + args.ibot_weight * loss_ibot
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < args.freeze_last_steps:  # DINO: keep the prototypes fixed at first, for stability
+            for head in (student.cls_head, student.patch_head):
+                for p in head.last.parameters():
+                    p.grad = None
+        nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        with torch.no_grad():
+            for ps, pt in zip(student.parameters(), teacher.parameters()):
+                pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+            center.mul_(0.9).add_(torch.cat(t_cls).mean(0, keepdim=True), alpha=0.1)
+            patch_center.mul_(0.9).add_(torch.cat(t_patch).mean(0, keepdim=True), alpha=0.1)
+
+        if step % args.log_every == 0 or step == args.steps - 1:
+            # teacher entropy near 0 or near log(out_dim) would signal collapse
+            tp = F.softmax((t_cls[0] - center) / t_temp, dim=-1)
+            ent = float(-(tp * tp.clamp_min(1e-12).log()).sum(-1).mean())
+            rec = {"step": step, "loss": round(loss.item(), 4), "dino": round(loss_dino.item(), 4),
+                   "ibot": round(loss_ibot.item(), 4), "teacher_entropy": round(ent, 3), "lr": round(lr, 6),
+                   "elapsed_s": round(time.time() - t_train, 1)}
+            log.append(rec)
+            print(json.dumps(rec), flush=True)
+        if args.checkpoint_dir and step and step % args.checkpoint_every == 0:
+            teacher.backbone.save_pretrained(Path(args.checkpoint_dir) / f"step{step}")
+
+    train_s = time.time() - t_train
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    teacher.backbone.config.drop_path_rate = 0.0  # inference config
+    teacher.backbone.save_pretrained(out, safe_serialization=True)
+    tail = log[-5:] if len(log) >= 5 else log
+    provenance = {
+        "model": "peal-mini",
+        "architecture": "transformers Dinov2Model (teacher backbone after DINO+iBOT self-distillation)",
+        "parameters": n_params,
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "args": vars(args),
+        "seed": args.seed,
+        "corpus": corpus,
+        "corpus_mix": weights,
+        "debian_packages": package_versions(),
+        "training_seconds": round(train_s, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "final_loss_mean_last_logs": round(float(np.mean([r["loss"] for r in tail])), 4),
+        "loss_log": log,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": __import__("transformers").__version__, "threads": args.threads,
+                        "cpu": platform.processor() or platform.machine()},
+        "model_sha256": sha256(out / "model.safetensors"),
+    }
+    (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"saved {out} ({train_s / 60:.1f} min training)", flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "peal_backend/backbones/peal-mini"))
+    ap.add_argument("--install-packages", action="store_true", help="apt-get install the corpus packages if missing")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy shared CPU (no OpenMP barrier stalls)")
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--patch", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--drop-path", type=float, default=0.1)
+    ap.add_argument("--local-crops", type=int, default=4)
+    ap.add_argument("--local-size", type=int, default=12)
+    ap.add_argument("--out-dim", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min-lr", type=float, default=1e-5)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-frac", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--teacher-temp", type=float, default=0.04)
+    ap.add_argument("--student-temp", type=float, default=0.1)
+    ap.add_argument("--ibot-weight", type=float, default=1.0)
+    ap.add_argument("--clip", type=float, default=3.0)
+    ap.add_argument("--freeze-last-steps", type=int, default=50)
+    ap.add_argument("--crops-per-wallpaper", type=int, default=150)
+    ap.add_argument("--w-domain", type=float, default=0.5, help="sampling weight of the two train pools together")
+    ap.add_argument("--w-fmnist", type=float, default=0.2)
+    ap.add_argument("--w-wallpapers", type=float, default=0.3)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--checkpoint-dir", default="", help="also save the teacher backbone here every --checkpoint-every steps")
+    ap.add_argument("--checkpoint-every", type=int, default=200)
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.install_packages:
+        install_packages()
+    train(args)
