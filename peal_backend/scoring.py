@@ -26,7 +26,7 @@ import torch
 
 from .backbone import Classifier, resolve_backbone
 from .config import Settings
-from .training import Prediction, _dtype, bf16_enabled
+from .training import Prediction, _autocast, _dtype, bf16_enabled
 
 
 def cacheable(clf: Classifier) -> bool:
@@ -116,7 +116,7 @@ def score_from_activations(clf: Classifier, acts: np.ndarray, settings: Settings
     """Finish the forward from cached activations: the adapted blocks (if any), pooling and the head."""
     clf.eval()
     feats, logits = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(settings):
         for i in range(0, len(acts), settings.batch_size):
             h = torch.from_numpy(acts[i:i + settings.batch_size]).to(settings.device, _dtype(clf))
             f = h if clf.first_adapted == clf.n_layers else clf.features_from(h, clf.first_adapted)
