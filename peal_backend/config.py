@@ -88,7 +88,8 @@ class Settings:
     budget: int = _env("PEAL_BUDGET", 0, "Batch size the strategy selects each cycle (0 = number of classes).", int)
 
     # --- Images ----------------------------------------------------------------------------------
-    cache_dir: str = _env("PEAL_CACHE_DIR", "", "Image cache folder (default: MODEL_DIR/.cache/images).")
+    cache_dir: str = _env("PEAL_CACHE_DIR", "", "Cache folder: fetched images and frozen backbone activations (default: MODEL_DIR/.cache).")
+    activation_cache: bool = _env("PEAL_ACTIVATION_CACHE", True, "Reuse frozen backbone activations between cycles (linear probe, LoRA on the last K blocks).", bool)
     allowed_hosts: str = _env("PEAL_ALLOWED_HOSTS", "",
                               "Comma-separated extra hosts images may be fetched from; the Label Studio host is always allowed. `*` allows any host.")
     fetch_timeout: float = _env("PEAL_FETCH_TIMEOUT", 10.0, "Seconds before an image fetch gives up.", float)
@@ -129,7 +130,11 @@ class Settings:
 
     @property
     def image_cache_dir(self) -> str:
-        return self.cache_dir or os.path.join(self.model_dir, ".cache", "images")
+        return os.path.join(self.cache_dir or os.path.join(self.model_dir, ".cache"), "images")
+
+    @property
+    def activation_cache_dir(self) -> str:
+        return os.path.join(self.cache_dir or os.path.join(self.model_dir, ".cache"), "activations")
 
     def redacted(self) -> dict:
         """Settings as a dict with secrets hidden, safe to log or return over HTTP."""

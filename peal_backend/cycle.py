@@ -16,7 +16,7 @@ import torch
 from .backbone import input_size, load_backbone
 from .config import Settings
 from .engine import run_cycle
-from .images import ImageError, ImageFetcher, preprocess
+from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
 from .model import (QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
                     task_image_url, version_prefix)
@@ -26,16 +26,19 @@ log = logging.getLogger(__name__)
 
 
 def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int):
-    """Images of the tasks that can be fetched; a bad image skips its task, never the batch."""
-    kept, images, errors = [], [], 0
+    """Images (and their content hashes) of the tasks that can be fetched; a bad image skips its task,
+    never the batch."""
+    kept, images, hashes, errors = [], [], [], 0
     for task in tasks:
         try:
-            images.append(fetcher.fetch(task_image_url(task, spec)))
+            data, image = fetcher.fetch_both(task_image_url(task, spec))
+            images.append(image)
+            hashes.append(content_hash(data))
             kept.append(task)
         except (ImageError, PayloadError) as exc:
             errors += 1
             log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), exc)
-    return kept, images, errors
+    return kept, images, hashes, errors
 
 
 def labeled_examples(ls: LabelStudio, project: int, spec: LabelSpec):
@@ -64,7 +67,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     spec = parse_label_config(ls.project(project)["label_config"])
 
     examples, skipped = labeled_examples(ls, project, spec)
-    tasks, images, bad = _fetch_all(fetcher, [t for t, _ in examples], spec, "labeled", project)
+    tasks, images, hashes, bad = _fetch_all(fetcher, [t for t, _ in examples], spec, "labeled", project)
     if not images:
         log.info("project %s: nothing to train on (%d annotations skipped, %d images failed)", project, skipped, bad)
         return {"status": "skipped", "reason": "no usable annotations", "skipped_annotations": skipped,
@@ -79,9 +82,9 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         targets = torch.tensor([label_of[t["id"]][0] for t in tasks])
 
     size = input_size(settings, load_backbone(settings.backbone).config)
-    pool_tasks, pool_images, pool_bad = [], [], 0
+    pool_tasks, pool_images, pool_hashes, pool_bad = [], [], [], 0
     if settings.push_predictions:
-        pool_tasks, pool_images, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec, "unlabeled", project)
+        pool_tasks, pool_images, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec, "unlabeled", project)
 
     init = None
     latest = store.latest(project)
@@ -90,7 +93,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         init = latest.weights()
     fetch_seconds = time.perf_counter() - started
     result = run_cycle(settings, preprocess(images, size), targets, preprocess(pool_images, size), n_classes,
-                       multiple=spec.multiple, init=init)
+                       multiple=spec.multiple, init=init, hashes=(hashes, pool_hashes),
+                       cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
 
     queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
     counts = result.classifier.parameter_counts()

@@ -6,6 +6,7 @@ simulator publishes measures the code users run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from . import acquisition
 from .backbone import Classifier, build_classifier
 from .config import Settings
+from .scoring import ActivationCache, cache_key, cacheable, score_cached
 from .training import Prediction, fit, predict
 
 
@@ -52,14 +54,23 @@ def normalised(pred: Prediction, multiple: bool) -> Prediction:
 
 def run_cycle(settings: Settings, pixels: torch.Tensor, targets: torch.Tensor, pool_pixels: torch.Tensor,
               n_classes: int, *, multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
-              progress: Callable[[int, int, float], None] | None = None) -> CycleResult:
-    """Train a fresh classifier (or warm-start from `init`), score the pool and rank it."""
+              progress: Callable[[int, int, float], None] | None = None,
+              hashes: tuple[list[str], list[str]] | None = None, cache_dir: str | None = None) -> CycleResult:
+    """Train a fresh classifier (or warm-start from `init`), score the pool and rank it.
+
+    With `hashes` (content hashes of the labeled and pool images) and `cache_dir`, frozen activations
+    are reused from earlier cycles (see scoring.py)."""
     clf = build_classifier(settings, n_classes)
     if init is not None:
         clf.load_trainable(init)
     metrics = fit(clf, pixels, targets, settings, multilabel=multiple, progress=progress)
-    labeled = predict(clf, pixels, settings, multilabel=multiple)
-    pool = predict(clf, pool_pixels, settings, multilabel=multiple)
+    if hashes is not None and cache_dir and cacheable(clf):
+        cache = ActivationCache(Path(cache_dir) / cache_key(settings, clf, pixels.shape[-1]))
+        labeled = score_cached(clf, settings, hashes[0], pixels, cache, multilabel=multiple)
+        pool = score_cached(clf, settings, hashes[1], pool_pixels, cache, multilabel=multiple)
+    else:
+        labeled = predict(clf, pixels, settings, multilabel=multiple)
+        pool = predict(clf, pool_pixels, settings, multilabel=multiple)
     order, scores = rank_pool(settings, labeled, pool, class_ids(targets), multiple)
     return CycleResult(clf, metrics, labeled, pool, order, scores)
 

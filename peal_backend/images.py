@@ -224,6 +224,10 @@ class ImageFetcher:
         """The decoded RGB image; ImageError if it cannot be fetched or decoded."""
         return self._get(url)[1]
 
+    def fetch_both(self, url: str) -> tuple[bytes, Image.Image]:
+        """The file's bytes (for content hashing) and the decoded RGB image; ImageError otherwise."""
+        return self._get(url)
+
     def resolve(self, url: str) -> str:
         """The absolute URL fetched for a task's `url`, after checking it is allowed; ImageError if not."""
         if not isinstance(url, str) or not url.strip():
