@@ -18,6 +18,7 @@ setup(
         "faiss-cpu>=1.8",
         "numpy>=1.24",
         "scikit-learn>=1.3",
+        "threadpoolctl",
         "pillow>=10",
         "requests>=2.31",
         "flask>=3.0",
