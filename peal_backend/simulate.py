@@ -1,0 +1,556 @@
+"""The active-learning loop offline, on a labeled dataset: labels come from the dataset, not from people.
+
+    peal-backend simulate --data retinamnist --backbone peal-mini --adapter linear,lora \
+        --strategy random,entropy,entropy+cal --cycles 10 --seeds 5 --out runs/retina
+
+Each configuration (adapter x strategy variant) and seed: a cold start of `budget` items (TypiClust on
+the pretrained features, the same for every configuration of a seed), then `cycles` times: train
+(`training.fit`, from the pretrained weights or warm-started) -> evaluate on the test split -> score
+the training pool (`training.predict`) -> pick `budget` items (`acquisition.select`) -> reveal their
+labels. Images go through `images.to_pil` / `images.preprocess`, as in the backend, once per run.
+
+A strategy variant is `NAME[+cal][+bal]`: `+cal` adds the calibration loss, `+bal` class balancing.
+`DIR/results.csv` gets one row per configuration, seed and cycle; a rerun into the same DIR skips the
+(configuration, seed) pairs already complete, so a grid can be run as several commands, or resumed.
+After each run the plots (`DIR/accuracy_<dataset>.png`) and tables (`DIR/summary.md`) are redrawn
+from the whole CSV.
+
+The linear probe's backbone is frozen: its head inputs for the pool and the test split are computed
+once per run and reused by every seed and cycle (the backbone is only re-run inside `fit`, on the
+few labeled images). LoRA and prompt tuning change the features, so they re-score with `predict`.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import acquisition
+from .backbone import BackboneLoadError, Classifier, build_classifier, input_size, load_backbone
+from .config import Settings, SettingsError
+from .engine import acquisition_pool, class_ids
+from .images import decode_image, preprocess, to_pil
+from .training import Prediction, fit, predict
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+COLUMNS = ("dataset", "config", "adapter", "strategy", "balance", "calibration", "warm_start", "seed", "cycle",
+           "labels", "accuracy", "macro_f1", "ece", "unknown_ratio", "unknown_fraction",
+           "train_seconds", "select_seconds", "eval_seconds", "budget", "backbone", "lora_last_k")
+
+
+class SimulationError(ValueError):
+    """Bad simulator input (dataset, flags); the message says what is wrong."""
+
+
+# --- datasets ----------------------------------------------------------------------------------------
+
+@dataclass
+class Dataset:
+    """Images as uint8 arrays or PIL images, labels as class ids 0..C-1."""
+    name: str
+    train_images: Sequence
+    train_labels: np.ndarray
+    test_images: Sequence
+    test_labels: np.ndarray
+    classes: list[str]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def datasets_dir() -> Path:
+    """`$PEAL_DATASETS`, else `../shared/datasets` beside the repository."""
+    env = os.environ.get("PEAL_DATASETS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def resolve_data(spec: str) -> Path:
+    """A path as given, else a name in the datasets folder (`retinamnist` -> DIR/retinamnist.npz)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    for candidate in (datasets_dir() / spec, datasets_dir() / f"{spec}.npz"):
+        if candidate.exists():
+            return candidate
+    raise SimulationError(f"--data {spec!r}: no such file or folder (nor in the datasets folder {datasets_dir()}, "
+                          "set PEAL_DATASETS to change it)")
+
+
+def load_dataset(spec: str, limit_train: int = 0, limit_test: int = 0) -> Dataset:
+    """An `.npz` with train_/test_images and train_/test_labels, or a folder with one sub-folder per
+    class (or `train/` and `test/` folders that each have them; otherwise a fixed 20 % per class is
+    held out as test). `limit_*` keep a seeded random subset of that size (0 = everything)."""
+    path = resolve_data(spec)
+    data = _load_npz(path) if path.is_file() else _load_folder(path)
+    rng = np.random.default_rng(0)
+    for split, limit in (("train", limit_train), ("test", limit_test)):
+        labels = getattr(data, f"{split}_labels")
+        if limit and limit < len(labels):
+            keep = np.sort(rng.choice(len(labels), int(limit), replace=False))
+            images = getattr(data, f"{split}_images")
+            setattr(data, f"{split}_images", [images[i] for i in keep] if isinstance(images, list) else images[keep])
+            setattr(data, f"{split}_labels", labels[keep])
+    if len(data.train_labels) == 0 or len(data.test_labels) == 0:
+        raise SimulationError(f"{path}: the train and test splits must both hold images")
+    return data
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        npz = np.load(path)
+    except Exception as exc:
+        raise SimulationError(f"{path}: not a readable .npz file ({exc})") from None
+    with npz:
+        missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in npz]
+        if missing:
+            raise SimulationError(f"{path}: the .npz lacks {', '.join(missing)} (it has {', '.join(npz.files)})")
+        arrays = {k: npz[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"].reshape(-1)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise SimulationError(f"{path}: {split}_images must be uint8 (N, H, W[, C]), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise SimulationError(f"{path}: {len(images)} {split}_images but {len(labels)} {split}_labels")
+        if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
+            raise SimulationError(f"{path}: {split}_labels must be non-negative integer class ids")
+        arrays[f"{split}_labels"] = labels.astype(np.int64)
+    n_classes = int(max(arrays["train_labels"].max(initial=0), arrays["test_labels"].max(initial=0))) + 1
+    return Dataset(path.stem, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                   arrays["test_labels"], [str(c) for c in range(n_classes)])
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    classes = {d.name: _image_files(d) for d in sorted(folder.iterdir()) if d.is_dir()}
+    if len(classes) < 2:
+        raise SimulationError(f"{folder}: expected one sub-folder of images per class (at least 2), found {len(classes)}")
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise SimulationError(f"{folder}: class folder(s) with no image: {', '.join(empty)}")
+    return classes
+
+
+def _decode(path: Path):
+    return decode_image(path.read_bytes(), max_pixels=Settings().max_image_pixels, source=str(path))
+
+
+def _load_folder(path: Path) -> Dataset:
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        train, test = _class_folders(path / "train"), _class_folders(path / "test")
+        if set(test) - set(train):
+            raise SimulationError(f"{path}: test classes {sorted(set(test) - set(train))} have no train folder")
+    else:
+        train, test = {}, {}
+        rng = np.random.default_rng(0)
+        for name, files in _class_folders(path).items():
+            order = rng.permutation(len(files))
+            n_test = max(1, round(0.2 * len(files))) if len(files) > 1 else 0
+            test[name] = [files[i] for i in sorted(order[:n_test])]
+            train[name] = [files[i] for i in sorted(order[n_test:])]
+    classes = sorted(train)
+    split = {}
+    for key, groups in (("train", train), ("test", test)):
+        files = [(f, classes.index(c)) for c in classes for f in groups.get(c, [])]
+        split[key] = ([_decode(f) for f, _ in files], np.array([c for _, c in files], dtype=np.int64))
+    return Dataset(path.name, *split["train"], *split["test"], classes)
+
+
+def pixels_of(images: Sequence, size: int, chunk: int = 512) -> torch.Tensor:
+    """The backend's preprocessing (to_pil for arrays, then preprocess), chunked to bound memory."""
+    parts = []
+    for s in range(0, len(images), chunk):
+        pil = [im if not isinstance(im, np.ndarray) else to_pil(im) for im in images[s:s + chunk]]
+        parts.append(preprocess(pil, size))
+    return torch.cat(parts) if parts else torch.zeros(0, 3, size, size)
+
+
+# --- metrics (pure) ---------------------------------------------------------------------------------
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: confidence (max probability) in `n_bins` equal bins of (0, 1]; the mean over items of
+    |accuracy - mean confidence| of each item's bin. 0 for no items."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if probs.shape[0] == 0:
+        return 0.0
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)  # bin b holds (b/n, (b+1)/n]
+    total = 0.0
+    for b in np.unique(bins):
+        mask = bins == b
+        total += mask.sum() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(total / probs.shape[0])
+
+
+def test_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    from sklearn.metrics import f1_score
+
+    pred = probs.argmax(axis=1)
+    return {"accuracy": float((pred == labels).mean()),
+            "macro_f1": float(f1_score(labels, pred, labels=list(range(n_classes)), average="macro", zero_division=0)),
+            "ece": expected_calibration_error(probs, labels)}
+
+
+test_metrics.__test__ = False  # not a pytest test, whatever its name
+
+
+# --- configurations ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the grid."""
+    adapter: str
+    strategy: str
+    balance: bool = False
+    calibration: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.adapter}/{self.strategy}" + ("+cal" if self.calibration else "") + ("+bal" if self.balance else "")
+
+
+def parse_variants(adapters: str, strategies: str, balance: bool = False, calibration: bool = False) -> list[Variant]:
+    """Comma-separated adapters x strategy variants (`NAME[+cal][+bal]`); the flags apply to all."""
+    adapter_names = [a.strip() for a in adapters.split(",") if a.strip()]
+    bad = [a for a in adapter_names if a not in ("linear", "lora", "prompt")]
+    if bad or not adapter_names:
+        raise SimulationError(f"--adapter {adapters!r}: expected a comma-separated list of linear, lora, prompt")
+    out = []
+    for adapter in adapter_names:
+        for spec in (s.strip() for s in strategies.split(",")):
+            if not spec:
+                continue
+            name, *tags = spec.split("+")
+            if name not in acquisition.STRATEGIES:
+                raise SimulationError(f"--strategy {spec!r}: unknown strategy {name!r}; expected one of "
+                                      f"{', '.join(acquisition.STRATEGIES)}, optionally with +cal and/or +bal")
+            if set(tags) - {"cal", "bal"}:
+                raise SimulationError(f"--strategy {spec!r}: unknown suffix; only +cal (calibration loss) and +bal (class balancing)")
+            out.append(Variant(adapter, name, balance or "bal" in tags, calibration or "cal" in tags))
+    if not out:
+        raise SimulationError(f"--strategy {strategies!r}: no strategy given")
+    return list(dict.fromkeys(out))
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A dataset made ready once per run: pixels, pretrained head inputs for the frozen backbone."""
+    data: Dataset
+    train_pixels: torch.Tensor
+    test_pixels: torch.Tensor
+    train_features: np.ndarray  # pretrained (linear probe) head inputs: cold start and linear runs
+    test_features: np.ndarray
+    prefixes: dict = field(default_factory=dict)  # (split, block) -> tokens entering that frozen block
+
+    def prefix(self, clf: Classifier, split: str, settings: Settings) -> torch.Tensor:
+        """Activations entering `clf.first_adapted` (LoRA on the last K blocks): the blocks before it
+        are frozen, so they are run once per run, not once per cycle."""
+        key = (split, clf.first_adapted)
+        if key not in self.prefixes:
+            pixels, bs = getattr(self, f"{split}_pixels"), settings.batch_size
+            with torch.inference_mode():
+                self.prefixes[key] = torch.cat([clf.embed(pixels[i:i + bs].to(settings.device), until=clf.first_adapted)
+                                                for i in range(0, len(pixels), bs)])
+        return self.prefixes[key]
+
+
+def prepare(data: Dataset, settings: Settings) -> Prepared:
+    size = input_size(settings, load_backbone(settings.backbone).config)
+    train_px, test_px = pixels_of(data.train_images, size), pixels_of(data.test_images, size)
+    frozen = build_classifier(settings.replace(adapter="linear"), data.n_classes)
+    train_f = predict(frozen, train_px, settings).embeddings
+    test_f = predict(frozen, test_px, settings).embeddings
+    return Prepared(data, train_px, test_px, train_f, test_f)
+
+
+def predict_from_features(clf: Classifier, features: np.ndarray) -> Prediction:
+    """What `predict` returns for a linear probe, from its precomputed head inputs."""
+    with torch.inference_mode():
+        logits = clf.head(torch.from_numpy(features).to(clf.head.weight.device)).float().cpu()
+    return Prediction(torch.softmax(logits, dim=1).numpy(), logits.numpy(), features)
+
+
+def predict_from_prefix(clf: Classifier, prefix: torch.Tensor, settings: Settings) -> Prediction:
+    """What `predict` returns, starting from the cached activations entering `clf.first_adapted`."""
+    clf.eval()
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(prefix), settings.batch_size):
+            feats.append(clf.features_from(prefix[i:i + settings.batch_size], clf.first_adapted).float().cpu())
+    return predict_from_features(clf, torch.cat(feats).numpy())
+
+
+def scores(clf: Classifier, prep: Prepared, split: str, settings: Settings) -> Prediction:
+    """`predict` on the train pool or the test split, reusing whatever the frozen backbone computed."""
+    if clf.adapter == "linear":
+        return predict_from_features(clf, getattr(prep, f"{split}_features"))
+    if clf.adapter == "lora" and clf.first_adapted > 0:
+        return predict_from_prefix(clf, prep.prefix(clf, split, settings), settings)
+    return predict(clf, getattr(prep, f"{split}_pixels"), settings)
+
+
+def cycle_seed(seed: int, step: int) -> int:
+    """A distinct selection seed for every (seed, step) (step 0: cold start, c + 1: after cycle c), so
+    random picks are not replayed each cycle."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def cold_start(prep: Prepared, budget: int, seed: int, method: str = "typiclust") -> np.ndarray:
+    """The first `budget` train indices, chosen with no label: TypiClust on the pretrained features
+    (or random). The same for every configuration of a seed."""
+    n = prep.train_features.shape[0]
+    pool = acquisition.Pool(probs=np.full((n, prep.data.n_classes), 1.0 / prep.data.n_classes),
+                            embeddings=prep.train_features)
+    return acquisition.select(method, pool, min(budget, n), seed=cycle_seed(seed, 0))
+
+
+def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int,
+             cold: str = "typiclust") -> Iterator[dict]:
+    """One configuration and seed: yields a result row after each cycle."""
+    data = prep.data
+    s = settings.replace(adapter=variant.adapter, strategy=variant.strategy, balance=variant.balance,
+                         calibration=variant.calibration, seed=seed, budget=budget)
+    labeled = cold_start(prep, budget, seed, cold)
+    init = None
+    for cycle in range(cycles):
+        t0 = time.perf_counter()
+        clf = build_classifier(s, data.n_classes)
+        if init is not None:
+            clf.load_trainable(init)
+        targets = torch.from_numpy(data.train_labels[labeled])
+        fit(clf, prep.train_pixels[torch.from_numpy(labeled)], targets, s)
+        t1 = time.perf_counter()
+        metrics = test_metrics(scores(clf, prep, "test", s).probs, data.test_labels, data.n_classes)
+        t2 = time.perf_counter()
+        row = {"cycle": cycle, "labels": int(labeled.size), **metrics, "unknown_ratio": "", "unknown_fraction": ""}
+        unlabeled = np.setdiff1d(np.arange(len(data.train_labels)), labeled)
+        if cycle < cycles - 1 and unlabeled.size:  # the last model's picks would never be used
+            scored = scores(clf, prep, "train", s)
+            pool = acquisition_pool(_rows(scored, labeled), _rows(scored, unlabeled), class_ids(targets))
+            picks = acquisition.select(s.strategy, pool, budget, seed=cycle_seed(seed, cycle + 1), balance=s.balance,
+                                       candidate_fraction=s.candidate_fraction)
+            chosen = unlabeled[picks - labeled.size]
+            known = acquisition.unknown_ratio(chosen, scored.probs, data.train_labels)
+            row.update(unknown_ratio=known["ratio"], unknown_fraction=known["fraction"])
+            labeled = np.concatenate([labeled, chosen])
+        t3 = time.perf_counter()
+        if s.warm_start:
+            init = clf.trainable_state()
+        row.update(train_seconds=t1 - t0, eval_seconds=t2 - t1, select_seconds=t3 - t2)
+        yield row
+        if not unlabeled.size:
+            break
+
+
+def _rows(pred: Prediction, idx: np.ndarray) -> Prediction:
+    return Prediction(pred.probs[idx], pred.logits[idx], pred.embeddings[idx])
+
+
+def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], seeds: Sequence[int], cycles: int,
+             budget: int = 0, out_dir: str | Path = "runs/simulate", cold: str = "typiclust",
+             progress: bool = True) -> Path:
+    """Run every (variant, seed) not already complete in `out_dir/results.csv`, appending rows as each
+    finishes; then redraw the plots and the summary. Returns the CSV's path."""
+    from tqdm import tqdm
+
+    if cycles < 1:
+        raise SimulationError(f"--cycles {cycles}: must be at least 1")
+    budget = budget or settings.budget or data.n_classes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    rows = read_results(csv_path)
+    common = {"dataset": data.name, "warm_start": settings.warm_start, "budget": budget, "backbone": settings.backbone}
+
+    def describe(v: Variant, seed: int) -> dict:
+        return {**common, "config": v.name, "adapter": v.adapter, "strategy": v.strategy, "balance": v.balance,
+                "calibration": v.calibration, "seed": seed, "lora_last_k": settings.lora_last_k if v.adapter == "lora" else ""}
+
+    def key(r) -> tuple:  # what makes two runs the same run
+        return tuple(str(r[k]) for k in ("dataset", "config", "warm_start", "budget", "backbone", "lora_last_k", "seed"))
+
+    done = {}
+    for r in rows:
+        done[key(r)] = done.get(key(r), 0) + 1
+    # seeds outermost: a grid stopped early still has every configuration on its first seeds
+    todo = [(v, seed) for seed in seeds for v in variants
+            if done.get(key(describe(v, seed)), 0) < min(cycles, math.ceil(len(data.train_labels) / budget))]
+    if todo:
+        prep = prepare(data, settings)
+        bar = tqdm(total=len(todo) * cycles, disable=not progress, desc=data.name, unit="cycle", dynamic_ncols=True)
+        for v, seed in todo:
+            new = []
+            for r in run_seed(prep, settings, v, seed, cycles, budget, cold):
+                new.append({**describe(v, seed), **r})
+                bar.set_postfix_str(f"{v.name} seed {seed} labels {r['labels']} acc {r['accuracy']:.3f}")
+                bar.update(1)
+            k = key(new[0])
+            rows = [r for r in rows if key(r) != k] + new  # a partial earlier run of this pair is replaced
+            write_results(csv_path, rows)
+        bar.close()
+    plot_results(rows, out)
+    (out / "summary.md").write_text(summary_markdown(rows))
+    return csv_path
+
+
+# --- outputs ---------------------------------------------------------------------------------------------
+
+def read_results(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(tmp, path)  # a run killed mid-write leaves the previous CSV intact
+
+
+def curves(rows: list[dict]) -> dict[str, dict[str, dict[int, np.ndarray]]]:
+    """dataset -> config -> labels -> accuracies over seeds."""
+    out: dict = {}
+    for r in rows:
+        acc = out.setdefault(r["dataset"], {}).setdefault(r["config"], {}).setdefault(int(r["labels"]), [])
+        acc.append(float(r["accuracy"]))
+    return {d: {c: {n: np.asarray(a) for n, a in sorted(pts.items())} for c, pts in cfgs.items()}
+            for d, cfgs in out.items()}
+
+
+REFERENCE = "linear/random"
+
+
+def plot_results(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per dataset, one panel per adapter: mean accuracy against labels, shaded +- std over
+    seeds; the linear probe with random sampling dashed in every panel as the reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset, cfgs in curves(rows).items():
+        adapters = [a for a in ("linear", "lora", "prompt") if any(c.startswith(a + "/") for c in cfgs)]
+        fig, axes = plt.subplots(1, len(adapters), figsize=(5.2 * len(adapters), 4.2), sharey=True, squeeze=False)
+        for ax, adapter in zip(axes[0], adapters):
+            names = [c for c in cfgs if c.startswith(adapter + "/")]
+            colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+            for i, name in enumerate(names):
+                pts = cfgs[name]
+                x = np.array(list(pts))
+                mean = np.array([a.mean() for a in pts.values()])
+                std = np.array([a.std() for a in pts.values()])
+                n_seeds = max(len(a) for a in pts.values())
+                ax.plot(x, mean, marker=".", color=colours(i), label=f"{name.split('/', 1)[1]} (n={n_seeds})")
+                ax.fill_between(x, mean - std, mean + std, color=colours(i), alpha=0.12)
+            if REFERENCE in cfgs and adapter != "linear":
+                ref = cfgs[REFERENCE]
+                ax.plot(list(ref), [a.mean() for a in ref.values()], "k--", lw=1, label="linear/random (reference)")
+            ax.set_title(f"{dataset}: {adapter}")
+            ax.set_xlabel("labels")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        axes[0][0].set_ylabel("test accuracy (mean, shaded ± std over seeds)")
+        fig.tight_layout()
+        path = out / f"accuracy_{dataset}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def labels_to_reach(points: dict[int, np.ndarray], target: float) -> int | None:
+    """Fewest labels at which the mean accuracy is at least `target` (None if never)."""
+    for n, acc in sorted(points.items()):
+        if acc.mean() >= target - 1e-9:
+            return n
+    return None
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Per dataset: mean ± std accuracy at each label count, the labels each configuration needs to
+    reach linear/random's final accuracy, and seconds per cycle."""
+    lines = []
+    for dataset, cfgs in curves(rows).items():
+        ds_rows = [r for r in rows if r["dataset"] == dataset]
+        budgets = sorted({n for pts in cfgs.values() for n in pts})
+        ref = cfgs.get(REFERENCE)
+        target = ref[max(ref)].mean() if ref else None
+        lines += [f"### {dataset}", ""]
+        if target is not None:
+            lines += [f"Reference: linear/random reaches {target:.3f} at {max(ref)} labels.", ""]
+        head = ["config", "seeds"] + [str(n) for n in budgets] + ["labels to reach ref", "unknown frac", "s/cycle"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, pts in sorted(cfgs.items()):
+            mine = [r for r in ds_rows if r["config"] == name]
+            cells = [f"{pts[n].mean():.3f} ± {pts[n].std():.3f}" if n in pts else "" for n in budgets]
+            reach = labels_to_reach(pts, target) if target is not None else None
+            unknown = [float(r["unknown_fraction"]) for r in mine if r["unknown_fraction"] not in ("", None)]
+            secs = np.mean([float(r["train_seconds"]) + float(r["select_seconds"]) + float(r["eval_seconds"]) for r in mine])
+            seeds = len({r["seed"] for r in mine})
+            lines.append("| " + " | ".join([name, str(seeds)] + cells + [
+                "—" if target is None else (str(reach) if reach is not None else "not reached"),
+                f"{np.mean(unknown):.2f}" if unknown else "", f"{secs:.1f}"]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="run the active-learning loop offline on a labeled dataset",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="an .npz (train_/test_images/labels), an image folder with one "
+                   "sub-folder per class, or a dataset name in $PEAL_DATASETS (default ../shared/datasets)")
+    p.add_argument("--backbone", default=None, help="DINOv2 hub id, folder or peal-mini (default: $PEAL_BACKBONE)")
+    p.add_argument("--adapter", default=None, help="comma-separated: linear, lora, prompt (default: $PEAL_ADAPTER)")
+    p.add_argument("--strategy", default=None, help="comma-separated NAME[+cal][+bal] with NAME one of "
+                   f"{', '.join(acquisition.STRATEGIES)} (default: $PEAL_STRATEGY)")
+    p.add_argument("--balance", action="store_true", help="class-balance every strategy's picks")
+    p.add_argument("--calibration", action="store_true", help="add the calibration loss for every strategy")
+    p.add_argument("--warm-start", action="store_true", help="start each cycle from the previous model")
+    p.add_argument("--budget", type=int, default=0, help="labels revealed per cycle (default: $PEAL_BUDGET or the number of classes)")
+    p.add_argument("--cycles", type=int, default=10, help="training cycles per run (default 10)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    p.add_argument("--first-seed", type=int, default=0, help="start the seeds here (default 0)")
+    p.add_argument("--cold-start", default="typiclust", choices=("typiclust", "random"))
+    p.add_argument("--limit-train", type=int, default=0, help="use a seeded random N of the training pool")
+    p.add_argument("--limit-test", type=int, default=0, help="use a seeded random N of the test split")
+    p.add_argument("--out", required=True, help="output folder: results.csv, accuracy_<dataset>.png, summary.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=command)
+
+
+def command(args, settings: Settings) -> None:
+    import sys
+
+    try:
+        if args.seeds < 1 or args.budget < 0 or args.limit_train < 0 or args.limit_test < 0:
+            raise SimulationError("--seeds must be positive; --budget, --limit-train and --limit-test non-negative")
+        settings = settings.replace(backbone=args.backbone or settings.backbone,
+                                    warm_start=args.warm_start or settings.warm_start)
+        variants = parse_variants(args.adapter or settings.adapter, args.strategy or settings.strategy,
+                                  args.balance, args.calibration)
+        data = load_dataset(args.data, args.limit_train, args.limit_test)
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        path = simulate(data, settings, variants, seeds, args.cycles, args.budget, args.out, args.cold_start,
+                        progress=not args.quiet)
+    except (SimulationError, SettingsError, BackboneLoadError) as exc:
+        sys.exit(f"peal-backend simulate: {exc}")
+    print(f"wrote {path}")

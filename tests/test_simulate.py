@@ -1,0 +1,266 @@
+"""The offline simulator: metrics, dataset loading, the cached scoring paths, the loop and its outputs.
+
+The end-to-end runs use the tiny random DINOv2 (fast, but it learns nothing) for structure, and the
+committed `peal-mini` backbone for the smoke test that must beat chance.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+from PIL import Image
+
+from peal_backend import simulate as sim
+from peal_backend.backbone import PACKAGED_BACKBONES, build_classifier
+from peal_backend.config import Settings
+from peal_backend.images import preprocess, to_pil
+from peal_backend.training import fit, predict
+from tests.backbone_fixture import tiny_backbone  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+PNEUMONIA = sim.datasets_dir() / "pneumoniamnist.npz"
+needs_data = pytest.mark.skipif(not PNEUMONIA.exists(), reason=f"{PNEUMONIA} missing (set PEAL_DATASETS)")
+
+
+# --- ECE ---------------------------------------------------------------------------------------------
+def test_ece_by_hand():
+    # two items at confidence 0.9 (one right) and two at 0.6 (both right): bins 14 and 9 (of 15)
+    probs = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])
+    labels = np.array([0, 0, 0, 1])
+    assert sim.expected_calibration_error(probs, labels) == pytest.approx(0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6))
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_uses_right_closed_bins():
+    # confidence 0.75 in one bin, three of four right: calibrated
+    probs = np.tile([0.75, 0.25], (4, 1))
+    assert sim.expected_calibration_error(probs, np.array([0, 0, 0, 1])) == pytest.approx(0.0)
+    # 1/15 exactly belongs to the first bin (0, 1/15], together with 0.05; with 2 bins 0.5 is in (0, 0.5]
+    probs = np.array([[0.5, 0.5], [1.0, 0.0]])
+    assert sim.expected_calibration_error(probs, np.array([0, 0]), n_bins=2) == pytest.approx(0.5 * 0.5)
+    assert sim.expected_calibration_error(np.zeros((0, 3)), np.zeros(0)) == 0.0
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_ece_lies_in_unit_interval_and_is_maximal_for_confident_errors(n, c, seed):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(c), size=n)
+    labels = rng.integers(c, size=n)
+    assert 0.0 <= sim.expected_calibration_error(probs, labels) <= 1.0
+    onehot = np.eye(c)[(labels + 1) % c]  # certain and always wrong
+    assert sim.expected_calibration_error(onehot, labels) == pytest.approx(1.0)
+
+
+def test_test_metrics_accuracy_and_macro_f1():
+    probs = np.eye(3)[[0, 0, 1, 2]]
+    m = sim.test_metrics(probs, np.array([0, 1, 1, 2]), 3)
+    assert m["accuracy"] == pytest.approx(0.75)
+    # class 0: P 1/2 R 1 -> 2/3; class 1: P 1 R 1/2 -> 2/3; class 2: 1
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+# --- flags ---------------------------------------------------------------------------------------------
+def test_variants_are_adapters_times_strategy_specs():
+    vs = sim.parse_variants("linear,lora", "random,entropy+cal,margin+bal+cal")
+    assert [v.name for v in vs] == ["linear/random", "linear/entropy+cal", "linear/margin+cal+bal",
+                                    "lora/random", "lora/entropy+cal", "lora/margin+cal+bal"]
+    assert all(v.balance for v in sim.parse_variants("prompt", "badge", balance=True))
+
+
+@pytest.mark.parametrize("adapters, strategies, message", [
+    ("full", "entropy", "--adapter"), ("lora", "entropi", "unknown strategy 'entropi'"),
+    ("lora", "entropy+fast", "unknown suffix"), ("lora", ",", "no strategy"),
+])
+def test_bad_variants_are_named(adapters, strategies, message):
+    with pytest.raises(sim.SimulationError, match=message):
+        sim.parse_variants(adapters, strategies)
+
+
+# --- datasets ------------------------------------------------------------------------------------------
+def test_npz_errors_name_the_problem(tmp_path):
+    np.savez(tmp_path / "bad.npz", train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.zeros((2, 1)))
+    with pytest.raises(sim.SimulationError, match="lacks test_images, test_labels"):
+        sim.load_dataset(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "float.npz", train_images=np.zeros((2, 8, 8)), train_labels=np.zeros(2, int),
+             test_images=np.zeros((2, 8, 8), np.uint8), test_labels=np.zeros(2, int))
+    with pytest.raises(sim.SimulationError, match="train_images must be uint8"):
+        sim.load_dataset(str(tmp_path / "float.npz"))
+    with pytest.raises(sim.SimulationError, match="no such file or folder"):
+        sim.load_dataset(str(tmp_path / "missing.npz"))
+
+
+@needs_data
+def test_image_folder_gives_the_same_pixels_as_the_npz(tmp_path):
+    """PNG files in class folders and the npz arrays they came from preprocess to identical tensors."""
+    images, labels = {}, {}
+    with np.load(PNEUMONIA) as z:
+        for s in ("train", "test"):
+            y = z[f"{s}_labels"][:, 0].astype(np.int64)
+            pick = np.concatenate([np.flatnonzero(y == 1)[:5], np.flatnonzero(y == 0)[:7]])  # both classes, mixed
+            images[s], labels[s] = z[f"{s}_images"][np.sort(pick)], y[np.sort(pick)]
+    for split in ("train", "test"):
+        for i, (img, lab) in enumerate(zip(images[split], labels[split])):
+            (tmp_path / split / f"class{lab}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(tmp_path / split / f"class{lab}" / f"{i:03d}.png")
+    data = sim.load_dataset(str(tmp_path))
+    assert data.classes == ["class0", "class1"]
+    for split in ("train", "test"):
+        order = np.argsort(labels[split], kind="stable")  # the folder lists class by class
+        assert (getattr(data, f"{split}_labels") == labels[split][order]).all()
+        from_folder = sim.pixels_of(getattr(data, f"{split}_images"), 28)
+        from_npz = preprocess([to_pil(a) for a in images[split][order]], 28)
+        assert torch.equal(from_folder, from_npz)
+
+
+def test_flat_class_folders_hold_out_a_fifth_and_limits_subsample(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "eel"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    data = sim.load_dataset(str(tmp_path))
+    assert data.classes == ["cat", "dog", "eel"] and data.name == tmp_path.name
+    assert len(data.train_labels) == 24 and np.bincount(data.test_labels).tolist() == [2, 2, 2]
+    small = sim.load_dataset(str(tmp_path), limit_train=7, limit_test=3)
+    assert len(small.train_images) == len(small.train_labels) == 7 and len(small.test_labels) == 3
+    (tmp_path / "fox").mkdir()
+    with pytest.raises(sim.SimulationError, match="no image: fox"):
+        sim.load_dataset(str(tmp_path))
+
+
+# --- the cached scoring paths equal predict -------------------------------------------------------
+def _small_dataset(n_train=40, n_test=16, seed=0) -> sim.Dataset:
+    """Two visibly different classes of 28x28 images: dark noise and bright stripes."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = np.arange(n) % 2
+        x = np.where(y[:, None, None, None] == 0, rng.integers(0, 60, (n, 28, 28, 3)),
+                     rng.integers(190, 256, (n, 28, 28, 3))).astype(np.uint8)
+        x[y == 1, ::4] = 0
+        return x, y
+
+    (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
+    return sim.Dataset("blobs", xtr, ytr, xte, yte, ["dark", "bright"])
+
+
+@pytest.mark.parametrize("adapter, last_k", [("linear", 0), ("lora", 1)])
+def test_cached_scores_equal_predict(tiny_backbone, adapter, last_k):
+    s = Settings(backbone=tiny_backbone, adapter=adapter, lora_last_k=last_k, min_steps=5, epochs=1)
+    prep = sim.prepare(_small_dataset(), s)
+    clf = build_classifier(s, 2)
+    fit(clf, prep.train_pixels[:8], torch.tensor([0, 1] * 4), s)
+    for split in ("train", "test"):
+        cached = sim.scores(clf, prep, split, s)
+        direct = predict(clf, getattr(prep, f"{split}_pixels"), s)
+        np.testing.assert_allclose(cached.logits, direct.logits, atol=1e-5)
+        np.testing.assert_allclose(cached.probs, direct.probs, atol=1e-6)
+        np.testing.assert_allclose(cached.embeddings, direct.embeddings, atol=1e-5)
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_simulate_writes_rows_plots_summary_and_resumes(tiny_backbone, tmp_path):
+    s = Settings(backbone=tiny_backbone, min_steps=5, epochs=1)
+    data = _small_dataset()
+    variants = sim.parse_variants("linear,lora", "random,badge+bal")
+    csv_path = sim.simulate(data, s, variants, seeds=[0, 1], cycles=3, budget=4, out_dir=tmp_path, progress=False)
+    rows = _rows(csv_path)
+    assert len(rows) == 4 * 2 * 3
+    assert set(rows[0]) == set(sim.COLUMNS)
+    for r in rows:
+        assert int(r["labels"]) == 4 * (int(r["cycle"]) + 1)
+        for k in ("accuracy", "macro_f1", "ece"):
+            assert 0.0 <= float(r[k]) <= 1.0
+        if int(r["cycle"]) < 2:
+            assert 0.0 <= float(r["unknown_fraction"]) <= 1.0
+        else:
+            assert r["unknown_fraction"] == ""  # the last model's picks are never made
+    # every configuration of a seed starts from the same cold-start set, so the first cycles of
+    # linear/random and linear/badge+bal train on the same labels and score the same
+    first = {(r["config"], r["seed"]): r["accuracy"] for r in rows if r["cycle"] == "0"}
+    assert first[("linear/random", "0")] == first[("linear/badge+bal", "0")]
+    assert (tmp_path / "accuracy_blobs.png").stat().st_size > 10_000
+    assert "| linear/random | 2 |" in (tmp_path / "summary.md").read_text()
+
+    # a rerun skips what is complete and only adds the new seed
+    before = {(r["config"], r["seed"], r["cycle"]): r["accuracy"] for r in rows}
+    sim.simulate(data, s, variants[:1], seeds=[0, 1, 2], cycles=3, budget=4, out_dir=tmp_path, progress=False)
+    after = _rows(csv_path)
+    assert len(after) == len(rows) + 3
+    assert all(before[(r["config"], r["seed"], r["cycle"])] == r["accuracy"] for r in after if r["seed"] != "2")
+
+
+def test_picks_are_new_items_and_warm_start_changes_training(tiny_backbone):
+    s = Settings(backbone=tiny_backbone, min_steps=5, epochs=1)
+    prep = sim.prepare(_small_dataset(), s)
+    seen = set(sim.cold_start(prep, 4, seed=0).tolist())
+    assert len(seen) == 4
+    rows = list(sim.run_seed(prep, s, sim.Variant("linear", "entropy"), 0, cycles=4, budget=4))
+    assert [r["labels"] for r in rows] == [4, 8, 12, 16]  # four distinct new items each cycle
+    warm = list(sim.run_seed(prep, s.replace(warm_start=True), sim.Variant("linear", "entropy"), 0, 4, 4))
+    assert warm[0]["accuracy"] == rows[0]["accuracy"]  # nothing to start from in cycle 0
+    assert [r["ece"] for r in warm[1:]] != [r["ece"] for r in rows[1:]]
+
+
+def test_labels_to_reach_and_summary_reference():
+    pts = {10: np.array([0.5, 0.6]), 20: np.array([0.7, 0.8]), 30: np.array([0.9, 0.9])}
+    assert sim.labels_to_reach(pts, 0.75) == 20
+    assert sim.labels_to_reach(pts, 0.95) is None
+    rows = [dict(dataset="d", config=c, seed=s, labels=n, accuracy=a, unknown_fraction="", train_seconds=1,
+                 select_seconds=0.5, eval_seconds=0.5)
+            for c, acc in (("linear/random", (0.5, 0.7)), ("lora/entropy", (0.72, 0.8)))
+            for s in (0, 1) for n, a in zip((5, 10), acc)]
+    text = sim.summary_markdown(rows)
+    assert "linear/random reaches 0.700 at 10 labels" in text
+    assert "| lora/entropy | 2 | 0.720 ± 0.000 | 0.800 ± 0.000 | 5 |  | 2.0 |" in text
+
+
+def test_command_reports_bad_input_and_cli_registers_simulate(tmp_path):
+    args = Namespace(data=str(tmp_path / "nope.npz"), backbone="peal-mini", adapter="linear", strategy="entropy",
+                     balance=False, calibration=False, warm_start=False, budget=0, cycles=2, seeds=1, first_seed=0,
+                     cold_start="typiclust", limit_train=0, limit_test=0, out=str(tmp_path / "out"), quiet=True)
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        sim.command(args, Settings())
+    with pytest.raises(SystemExit, match="unknown strategy 'best'"):
+        sim.command(Namespace(**{**vars(args), "strategy": "best"}), Settings())
+    out = subprocess.run([sys.executable, "-m", "peal_backend.cli", "simulate", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--limit-train" in out.stdout
+
+
+# --- the smoke test on real data with the committed backbone --------------------------------------------
+PEAL_MINI = PACKAGED_BACKBONES["peal-mini"]
+
+
+@needs_data
+@pytest.mark.skipif(not (PEAL_MINI / "config.json").exists(), reason=f"the peal-mini backbone is not committed yet ({PEAL_MINI})")
+def test_smoke_two_cycles_with_peal_mini_beat_chance(tmp_path):
+    """The CLI as users run it: a 2-cycle run on a slice of PneumoniaMNIST produces the CSV and the
+    PNG, with accuracies in [0, 1] above the majority-class rate of the test slice."""
+    env = {**os.environ, "PEAL_LORA_LAST_K": "2"}
+    cmd = [sys.executable, "-m", "peal_backend.cli", "simulate", "--data", str(PNEUMONIA), "--backbone", "peal-mini",
+           "--adapter", "linear,lora", "--strategy", "entropy", "--budget", "10", "--cycles", "2", "--seeds", "1",
+           "--limit-train", "300", "--limit-test", "200", "--out", str(tmp_path), "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = _rows(tmp_path / "results.csv")
+    assert len(rows) == 4 and (tmp_path / "accuracy_pneumoniamnist.png").stat().st_size > 10_000
+    test_labels = sim.load_dataset(str(PNEUMONIA), limit_test=200).test_labels
+    chance = np.bincount(test_labels).max() / test_labels.size
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["macro_f1"]) <= 1.0
+    final = [float(r["accuracy"]) for r in rows if r["cycle"] == "1"]
+    assert min(final) > chance, (final, chance)
