@@ -206,7 +206,7 @@ class LabelStudio:
 
     # --- tasks ----------------------------------------------------------------------------------
 
-    def _tasks(self, project_id: int, include: str | None = None) -> Iterator[dict]:
+    def tasks(self, project_id: int, include: str | None = None) -> Iterator[dict]:
         """Every task of the project, with annotations and predictions inline, a page at a time."""
         page = 1
         while True:
@@ -225,14 +225,14 @@ class LabelStudio:
     def labeled_tasks(self, project_id: int) -> Iterator[tuple[dict, dict]]:
         """(task, annotation) for every task with a usable annotation: the latest one, skipping
         cancelled (skipped) and empty annotations."""
-        for task in self._tasks(project_id):
+        for task in self.tasks(project_id):
             annotation = latest_usable_annotation(task)
             if annotation is not None:
                 yield task, annotation
 
     def unlabeled_tasks(self, project_id: int) -> Iterator[dict]:
         """Tasks without a usable annotation: the pool to score."""
-        for task in self._tasks(project_id):
+        for task in self.tasks(project_id):
             if latest_usable_annotation(task) is None:
                 yield task
 
@@ -241,7 +241,7 @@ class LabelStudio:
     def tasks_with_prediction(self, project_id: int, model_version: str) -> set[int]:
         """Ids of the project's tasks that have a prediction at `model_version`."""
         found = set()
-        for task in self._tasks(project_id, include="id,predictions_model_versions"):
+        for task in self.tasks(project_id, include="id,predictions_model_versions"):
             versions = (task.get("predictions_model_versions") or "").split(",")
             if model_version in (v.strip() for v in versions):
                 found.add(task["id"])
