@@ -70,7 +70,7 @@ def backbone(tmp_path_factory) -> tuple[str, int]:
     DINOv2 saved with save_pretrained (the plumbing under test does not care how good it is)."""
     from peal_backend.backbone import PACKAGED_BACKBONES
     if (PACKAGED_BACKBONES["peal-mini"] / "config.json").exists():
-        return "peal-mini", 28
+        return "peal-mini", 0  # its own input size
     from tests.backbone_fixture import save_tiny_dinov2
     return save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2")), 28
 
@@ -104,7 +104,7 @@ def start_backend(server, backbone, tmp: Path, auth: tuple[str, str] | None = No
     env.update({
         "LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": server.token,
         "MODEL_DIR": str(tmp / "models"), "PEAL_BACKBONE": backbone[0], "PEAL_IMAGE_SIZE": str(backbone[1]),
-        "PEAL_EPOCHS": "2", "PEAL_BATCH_SIZE": "16", "PEAL_SET_UNCERTAINTY_SAMPLING": "true",
+        "PEAL_EPOCHS": "2", "PEAL_MIN_STEPS": "5", "PEAL_BATCH_SIZE": "16", "PEAL_SET_UNCERTAINTY_SAMPLING": "true",
         "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1",
     })
     if auth:
@@ -182,10 +182,13 @@ def make_project(server, xrays, title: str, n_local: int, n_upload: int) -> tupl
     return pid, truth
 
 
-def annotate(server, task_ids, truth) -> list[float]:
-    """Submit one annotation per task through the API; the seconds each call took."""
+def annotate(server, task_ids, truth, states: list | None = None, backend=None, pid=None) -> list[float]:
+    """Submit one annotation per task through the API; the seconds each call took. With `states`,
+    the backend's training state just before each call is appended to it."""
     seconds = []
     for tid in task_ids:
+        if states is not None:
+            states.append(backend.jobs(pid)["state"])
         started = time.perf_counter()
         server.client.annotations.create(id=tid, result=[{
             "from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": [truth[tid]]}}])
@@ -267,7 +270,8 @@ def test_backend_learns_in_the_background_and_orders_the_queue(label_studio, xra
         idle = annotate(server, first[2:], truth)     # webhooks: trainings get queued
         status = backend.jobs(pid)
         assert status["state"] in ("queued", "running") or status["runs"] >= 1
-        during = annotate(server, second, truth)      # while the first training runs
+        states: list = []
+        during = annotate(server, second, truth, states, backend, pid)  # while the first training runs
         status = wait_for_runs(backend, pid, 1)
         version = status["last_result"]["model_version"]
         versions = backend.get(f"/versions?project={pid}").json()["versions"]
@@ -299,7 +303,8 @@ def test_backend_learns_in_the_background_and_orders_the_queue(label_studio, xra
         print("\n" + "\n".join([
             figures("annotation save, no backend", baseline),
             figures("annotation save, backend idle", idle),
-            figures("annotation save, during training", during),
+            figures("annotation save, after the first webhooks", during)
+            + f" (training state before each: {', '.join(states)})",
             f"first training: {status['last_duration_s']} s (last run), backbone {backbone[0]}",
         ]))
     finally:
