@@ -492,7 +492,21 @@ def summary_markdown(rows: list[dict]) -> str:
             lines.append("| " + " | ".join([name, str(seeds)] + cells + [
                 "—" if target is None else (str(reach) if reach is not None else "not reached"),
                 f"{np.mean(unknown):.2f}" if unknown else "", f"{secs:.1f}"]) + " |")
-        lines.append("")
+        lines += ["", timing_markdown(ds_rows), ""]
+    return "\n".join(lines)
+
+
+def timing_markdown(rows: list[dict]) -> str:
+    """Mean seconds per cycle by adapter, without cycle 0 (which also computes each run's frozen
+    activations once)."""
+    lines = ["| adapter | cycles | train s | select s (score pool + pick) | eval s (test split) | total s/cycle |",
+             "|---|---|---|---|---|---|"]
+    for adapter in ("linear", "lora", "prompt"):
+        mine = [r for r in rows if r["adapter"] == adapter and str(r["cycle"]) != "0"]
+        if not mine:
+            continue
+        t = {k: float(np.mean([float(r[f"{k}_seconds"]) for r in mine])) for k in ("train", "select", "eval")}
+        lines.append(f"| {adapter} | {len(mine)} | {t['train']:.2f} | {t['select']:.2f} | {t['eval']:.2f} | {sum(t.values()):.2f} |")
     return "\n".join(lines)
 
 
