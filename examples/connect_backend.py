@@ -32,16 +32,26 @@ def connect(client: LabelStudio, project: int, backend_url: str, title: str = "p
         kwargs = {"auth_method": "BASIC_AUTH", "basic_auth_user": basic_auth[0], "basic_auth_pass": basic_auth[1]}
     ml = client.ml.create(project=project, url=backend_url, title=title, is_interactive=False, **kwargs)
     if basic_auth:
-        token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
-        hook_url = backend_url.rstrip("/") + "/webhook"
-        for hook in client.webhooks.list(project=str(project)):
-            if hook.url == hook_url:
-                client.webhooks.update(id=hook.id, url=hook.url, headers={"Authorization": f"Basic {token}"})
+        add_webhook_auth(client, project, backend_url, basic_auth)
     if uncertainty_sampling:
         # The Community UI greys this option out, but the server honours it: the labeling stream then
         # serves the task with the lowest prediction score (the backend's pick) first.
         client.projects.update(id=project, sampling="Uncertainty sampling")
     return ml.id
+
+
+def add_webhook_auth(client: LabelStudio, project: int, backend_url: str, basic_auth: tuple[str, str]) -> int:
+    """Give the webhook Label Studio created for the backend the basic-auth header (Label Studio sends
+    the ML backend's credentials on /setup, /predict and training, but not on this webhook).
+    Returns how many webhooks were updated."""
+    token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
+    hook_url = backend_url.rstrip("/") + "/webhook"
+    updated = 0
+    for hook in client.webhooks.list(project=str(project)):
+        if hook.url == hook_url:
+            client.webhooks.update(id=hook.id, url=hook.url, headers={"Authorization": f"Basic {token}"})
+            updated += 1
+    return updated
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -319,12 +319,21 @@ def test_basic_auth_between_label_studio_and_the_backend(label_studio, xrays, ba
     backend = start_backend(server, backbone, tmp_path, auth=auth)
     try:
         assert requests.post(backend.url + "/setup", json={}, timeout=10).status_code == 401
-        ml_id = connect_backend.connect(server.client, pid, backend.url, basic_auth=auth)
-        assert backend.metrics()["counts"].get("setup", 0) >= 1  # Label Studio sent the credentials
+        # Connected as in the UI's "Basic auth" form: Label Studio sends the credentials to /setup...
+        ml_id = server.client.ml.create(project=pid, url=backend.url, title="peal-backend", is_interactive=False,
+                                        auth_method="BASIC_AUTH", basic_auth_user=auth[0], basic_auth_pass=auth[1]).id
+        assert backend.metrics()["counts"].get("setup", 0) >= 1
+        # ...but not on the webhook it creates: the annotation event is refused (401), nothing queued.
         tids = sorted(truth)
-        annotate(server, [t for t in tids if truth[t] == "normal"][:2] + [t for t in tids if truth[t] == "pneumonia"][:2],
-                 truth)
-        status = wait_for_runs(backend, pid, 1)  # the webhook, with the header connect() added
+        picks = [t for t in tids if truth[t] == "normal"][:2] + [t for t in tids if truth[t] == "pneumonia"][:2]
+        annotate(server, picks[:1], truth)  # Label Studio delivers the webhook inside the save
+        assert not any(k.startswith("webhook_") for k in backend.metrics()["counts"])
+        assert backend.jobs(pid)["runs"] == 0 and backend.jobs(pid)["state"] == "idle"
+        # With the header added (what connect_backend.connect does) annotations reach the backend.
+        assert connect_backend.add_webhook_auth(server.client, pid, backend.url, auth) == 1
+        annotate(server, picks[1:], truth)
+        assert backend.metrics()["counts"].get("webhook_ANNOTATION_CREATED", 0) == len(picks) - 1
+        status = wait_for_runs(backend, pid, 1)
         assert status["last_result"]["model_version"] == client.project(pid)["model_version"]
         server.client.ml.train(id=ml_id)
         status = wait_for_runs(backend, pid, status["runs"] + 1)
