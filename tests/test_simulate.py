@@ -202,6 +202,30 @@ def test_simulate_writes_rows_plots_summary_and_resumes(tiny_backbone, tmp_path)
     assert all(before[(r["config"], r["seed"], r["cycle"])] == r["accuracy"] for r in after if r["seed"] != "2")
 
 
+def _save_runs(csv_path, dataset, n):
+    for seed in range(n):
+        row = {k: "" for k in sim.COLUMNS}
+        sim.save_run(csv_path, [{**row, "dataset": dataset, "config": "linear/random", "seed": seed, "cycle": 0}])
+
+
+def test_parallel_processes_share_one_csv_without_losing_runs(tmp_path):
+    import multiprocessing
+
+    csv_path = tmp_path / "results.csv"
+    filler = {k: "" for k in sim.COLUMNS}  # a big CSV makes each rewrite slow enough to collide without the lock
+    sim.write_results(csv_path, [{**filler, "dataset": "z", "config": "x", "seed": i} for i in range(3000)])
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_runs, args=(csv_path, name, 25)) for name in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    rows = _rows(csv_path)
+    assert sorted((r["dataset"], int(r["seed"])) for r in rows if r["dataset"] != "z") == [(d, s) for d in "ab" for s in range(25)]
+    assert len(rows) == 3050
+
+
 def test_picks_are_new_items_and_warm_start_changes_training(tiny_backbone):
     s = Settings(backbone=tiny_backbone, min_steps=5, epochs=1)
     prep = sim.prepare(_small_dataset(), s)
@@ -231,7 +255,7 @@ def test_labels_to_reach_and_summary_reference():
 def test_command_reports_bad_input_and_cli_registers_simulate(tmp_path):
     args = Namespace(data=str(tmp_path / "nope.npz"), backbone="peal-mini", adapter="linear", strategy="entropy",
                      balance=False, calibration=False, warm_start=False, budget=0, cycles=2, seeds=1, first_seed=0,
-                     cold_start="typiclust", limit_train=0, limit_test=0, out=str(tmp_path / "out"), quiet=True)
+                     cold_start="typiclust", limit_train=0, limit_test=0, out=str(tmp_path / "out"), threads=1, quiet=True)
     with pytest.raises(SystemExit, match="no such file or folder"):
         sim.command(args, Settings())
     with pytest.raises(SystemExit, match="unknown strategy 'best'"):
