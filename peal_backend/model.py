@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from . import acquisition
 from .backbone import Classifier, build_classifier, input_size
 from .config import Settings
-from .images import ImageError, ImageFetcher, preprocess
+from .images import ImageError, ImageFetcher, content_hash, preprocess
+from .scoring import ActivationCache, cache_key, cacheable, score_cached
 from .store import ModelStore, ModelVersion
-from .training import Prediction, predict
+from .training import Prediction, bf16_enabled, predict
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,8 @@ def load_version(store: ModelStore, version: ModelVersion, settings: Settings) -
     clf = build_classifier(arch, len(labels))
     clf.load_trainable(version.weights())
     clf.eval()
+    if bf16_enabled(arch):  # served models only infer: whole-bf16 weights are the fastest CPU path
+        clf.to(torch.bfloat16)
     return LoadedModel(version=version, classifier=clf, spec_labels=labels, multiple=bool(version.meta.get("multiple")),
                        settings=arch, queue=store.read_json(version, QUEUE_FILE, {}) or {},
                        size=input_size(arch, clf.backbone.config))
@@ -186,6 +191,11 @@ class PealModel:
         parse_label_config(label_config)  # raises LabelConfigError with the reason
         return self.model_version(project)
 
+    def score(self, loaded: LoadedModel, images: list, hashes: list[str]) -> Prediction:
+        if self.settings.activation_cache and cacheable(loaded.classifier):
+            return cached_predict(loaded, images, hashes, self.settings.activation_cache_dir)
+        return predict_images(loaded, images)
+
     def predict(self, tasks: list, project: int, label_config: str) -> list[dict]:
         """One result per task, in order. A task whose image fails gets an empty result (and an `error`),
         never failing the batch."""
@@ -200,17 +210,18 @@ class PealModel:
             return [{"result": [], "score": None, "model_version": loaded.version.name,
                      "error": "label choices changed since the model was trained"} for _ in tasks]
         results: list[dict | None] = [None] * len(tasks)
-        images, positions = [], []
+        images, hashes, positions = [], [], []
         for i, task in enumerate(tasks):
             try:
-                url = task_image_url(task, spec)
-                images.append(self.fetcher.fetch(url))
+                data, image = self.fetcher.fetch_both(task_image_url(task, spec))
+                images.append(image)
+                hashes.append(content_hash(data))
                 positions.append(i)
             except (ImageError, PayloadError) as exc:
                 log.warning("project %s task %s: %s", project, _task_id(task), exc)
                 results[i] = {"result": [], "score": None, "model_version": loaded.version.name, "error": str(exc)}
         if images:
-            out = predict_images(loaded, images)
+            out = self.score(loaded, images, hashes)
             fallback = uncertainty_score(out.probs, loaded.multiple)
             for j, i in enumerate(positions):
                 tid = _task_id(tasks[i])
@@ -223,6 +234,13 @@ class PealModel:
 def predict_images(loaded: LoadedModel, images: list) -> Prediction:
     pixels = preprocess(images, loaded.size)
     return predict(loaded.classifier, pixels, loaded.settings, multilabel=loaded.multiple)
+
+
+def cached_predict(loaded: LoadedModel, images: list, hashes: list[str], cache_root: str) -> Prediction:
+    """Like predict_images, but images whose frozen activations are cached skip the backbone."""
+    cache = ActivationCache(Path(cache_root) / cache_key(loaded.settings, loaded.classifier, loaded.size))
+    return score_cached(loaded.classifier, loaded.settings, hashes,
+                        lambda pos: preprocess([images[i] for i in pos], loaded.size), cache, multilabel=loaded.multiple)
 
 
 def task_image_url(task: dict, spec: LabelSpec) -> str:

@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     app.json.sort_keys = False
     stats = _Stats()
     state: dict = {"queue": queue, "model": None, "ls": None}
-    state_lock = threading.Lock()
+    state_lock = threading.RLock()
 
     def ls_client():
         from .labelstudio import LabelStudio
