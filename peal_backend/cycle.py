@@ -20,6 +20,7 @@ from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
 from .model import (QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
                     task_image_url, version_prefix)
+from .scoring import prefill_sharded
 from .store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,17 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     if settings.push_predictions:
         pool_tasks, pool_images, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec, "unlabeled", project)
 
+    fetch_seconds = time.perf_counter() - started
+    sharding = None
+    if settings.redis_url and settings.activation_cache and pool_tasks:
+        urls = [fetcher.resolve(task_image_url(t, spec)) for t in pool_tasks]
+        sharding = prefill_sharded(settings, size, list(zip(pool_hashes, urls)), settings.activation_cache_dir)
+
     init = None
     latest = store.latest(project)
     if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
             and tuple(latest.meta.get("labels", ())) == spec.labels):
         init = latest.weights()
-    fetch_seconds = time.perf_counter() - started
     result = run_cycle(settings, preprocess(images, size), targets, preprocess(pool_images, size), n_classes,
                        multiple=spec.multiple, init=init, hashes=(hashes, pool_hashes),
                        cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
@@ -102,7 +108,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             "strategy": settings.strategy, "balance": settings.balance, "calibration": settings.calibration,
             "warm_started_from": latest.name if init is not None else None, "reason": reason,
             "metrics": {**result.metrics, "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
-                        "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3)},
+                        "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
+                        "pool_sharding": sharding},
             "parameters": counts}
     version = store.save(project, version_prefix(settings), result.classifier.trainable_state(), meta,
                          files={QUEUE_FILE: queue}, keep=settings.keep_versions)
