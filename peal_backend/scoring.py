@@ -174,12 +174,14 @@ def drain_shards(list_key: str, settings: Settings, size: int, cache_dir: str) -
     from .labelstudio import LabelStudio
 
     conn = redis.Redis.from_url(settings.redis_url)
-    clf = _frozen_model(settings)
+    clf = fetcher = None  # built on the first shard: a helper arriving after the list emptied leaves at once
     cache = ActivationCache(cache_dir)
-    auth = LabelStudio.from_settings(settings).auth_headers if settings.label_studio_api_key else None
-    fetcher = ImageFetcher(settings, auth)
     done = 0
     while (raw := conn.lpop(list_key)) is not None:
+        if clf is None:
+            clf = _frozen_model(settings)
+            auth = LabelStudio.from_settings(settings).auth_headers if settings.label_studio_api_key else None
+            fetcher = ImageFetcher(settings, auth)
         shard = json.loads(raw)
         todo = [shard[i] for i in cache.missing([h for h, _ in shard])]
         hashes, images = [], []
