@@ -2,7 +2,7 @@
 
 `image_server`  a threaded HTTP server on 127.0.0.1 (free port) serving files from a temporary folder,
                 plus a few routes for failure cases; it records every request it receives.
-`real_images`   real PNG and JPEG files written from the MedMNIST datasets in /work/shared/datasets.
+`real_images`   real PNG and JPEG files written from the MedMNIST datasets in ../shared/datasets.
 
 See the docstrings of `ImageServer` and `RealImages` for what each offers.
 """
@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import mimetypes
+import os
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-DATASETS = Path("/work/shared/datasets")
+# $PEAL_DATASETS, else ../shared/datasets beside the repository (where CI puts it)
+DATASETS = Path(os.environ.get("PEAL_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
 # --- image_server --------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import DATASETS
 import requests
 from PIL import Image
 
@@ -29,7 +31,7 @@ from tests.labelstudio_fixture import free_port, label_studio  # noqa: F401  (fi
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-DATASET = Path("/work/shared/datasets/pneumoniamnist.npz")
+DATASET = DATASETS / "pneumoniamnist.npz"
 LABELS = ("normal", "pneumonia")  # PneumoniaMNIST's classes 0 and 1, as in examples/label_config.xml
 N_LOCAL, N_UPLOAD = 45, 15
 TRAIN_TIMEOUT = float(os.environ.get("PEAL_E2E_TRAIN_TIMEOUT", "300"))
