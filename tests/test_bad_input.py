@@ -369,3 +369,99 @@ def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
     text = "\n".join(bodies) + "\n" + caplog.text
     assert "HTTP 404" in text and "HTTP 401" in text
     assert SECRET_KEY not in text and SECRET_PASS not in text
+
+
+# --- Label Studio-side bad input, through the real training job ----------------------------------
+
+from tests.labelstudio_fixture import label_studio  # noqa: E402,F401  (session fixture)
+
+
+def _choice(label):
+    return [{"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+
+
+def ls_project(label_studio, served, n: int) -> tuple[int, list[int]]:
+    """A project whose n tasks are real x-rays served by `served` (an allowed host)."""
+    images, _ = pneumonia(n)
+    urls = []
+    for i, arr in enumerate(images):
+        path = served.dir / f"ls/{id(served)}-{n}-{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(arr).save(path, format="PNG")
+        urls.append(served.url(f"/ls/{path.name}"))
+    sdk = label_studio.client
+    project = sdk.projects.create(title="bad input", label_config=CONFIG)
+    ids = sdk.projects.import_tasks(id=project.id, request=[{"image": u} for u in urls], return_task_ids=True).task_ids
+    return project.id, list(ids)
+
+
+def ls_settings(settings, label_studio, served, tmp_path):
+    return settings.replace(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
+                            allowed_hosts=f"127.0.0.1:{served.port}", model_dir=str(tmp_path / "models"),
+                            cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.labelstudio
+def test_training_skips_bad_annotations_and_deleted_tasks(label_studio, served, settings, tmp_path):
+    from peal_backend.cycle import train_project
+
+    pid, t = ls_project(label_studio, served, 10)
+    sdk = label_studio.client
+    sdk.annotations.create(id=t[0], result=_choice("normal"))
+    sdk.annotations.create(id=t[1], result=_choice("pneumonia"))
+    sdk.annotations.create(id=t[2], result=_choice("normal"))
+    sdk.annotations.create(id=t[3], result=_choice("pneumonia"))
+    sdk.annotations.create(id=t[4], result=_choice("covid"))                          # not a choice in the config
+    sdk.annotations.create(id=t[5], result=_choice("pneumonia"), was_cancelled=True)  # skipped by the annotator
+    sdk.annotations.create(id=t[6], result=[])                                        # empty
+    sdk.annotations.create(id=t[7], result=_choice("normal"))
+    sdk.tasks.delete(id=t[7])  # deleted between the webhook and the training
+    sdk.tasks.delete(id=t[9])  # an unlabeled task deleted too
+    s = ls_settings(settings, label_studio, served, tmp_path)
+    out = train_project(pid, s, "ANNOTATION_CREATED")
+    assert out["status"] == "trained" and out["n_labeled"] == 4
+    # cancelled and empty annotations leave their task unlabeled: the pool is t5, t6, t8. The task whose
+    # annotation names an unknown label is annotated (not in the pool) but not trained on.
+    assert out["n_pool"] == 3 and out["predictions_pushed"] == 3
+    pushed = [p for p in sdk.predictions.list(project=pid) if p.model_version == out["model_version"]]
+    assert sorted(p.task for p in pushed) == sorted([t[5], t[6], t[8]])
+    meta = ModelStore(s.model_dir).latest(pid).meta
+    assert meta["metrics"]["skipped_annotations"] == 1
+
+
+@pytest.mark.labelstudio
+def test_single_class_so_far_trains_without_crashing(label_studio, served, settings, tmp_path):
+    from peal_backend.cycle import train_project
+
+    pid, t = ls_project(label_studio, served, 5)
+    for tid in t[:3]:
+        label_studio.client.annotations.create(id=tid, result=_choice("pneumonia"))
+    s = ls_settings(settings, label_studio, served, tmp_path)
+    out = train_project(pid, s, "START_TRAINING")
+    assert out["status"] == "trained" and out["n_labeled"] == 3 and out["n_pool"] == 2
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    tasks = [{"id": tid, "data": {"image": sdk_task["data"]["image"]}}
+             for tid, sdk_task in ((tid, label_studio.client.tasks.get(id=tid).model_dump()) for tid in t)]
+    r = client.post("/predict", json={"tasks": tasks, "project": pid})  # label config read from Label Studio
+    assert r.status_code == 200
+    assert all(len(x["result"]) == 1 and x["model_version"] == out["model_version"] for x in r.json["results"])
+
+
+@pytest.mark.labelstudio
+def test_project_with_no_usable_annotations_is_skipped_not_failed(label_studio, served, settings, tmp_path):
+    from peal_backend.cycle import train_project
+
+    pid, t = ls_project(label_studio, served, 3)
+    label_studio.client.annotations.create(id=t[0], result=_choice("covid"))
+    label_studio.client.annotations.create(id=t[1], result=_choice("normal"), was_cancelled=True)
+    out = train_project(pid, ls_settings(settings, label_studio, served, tmp_path), "START_TRAINING")
+    assert out["status"] == "skipped" and out["skipped_annotations"] == 1
+
+
+@pytest.mark.labelstudio
+def test_predict_for_a_project_label_studio_does_not_know_is_a_502(label_studio, settings, tmp_path, served):
+    s = ls_settings(settings, label_studio, served, tmp_path)
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    r = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "x"}}], "project": 987654})
+    assert r.status_code == 502 and "GET /api/projects/987654/ -> 404" in r.json["error"]
+    assert label_studio.token not in r.get_data(as_text=True)
