@@ -203,11 +203,12 @@ def own_redis(tmp_path):
 
 
 class Worker:
-    """A real `peal-backend worker` process (RQ SimpleWorker) for jobfuncs jobs."""
+    """A real `peal-backend worker` process (RQ SimpleWorker); `secrets` are its own settings' secrets."""
 
-    def __init__(self, redis_url, queue_name, log_path):
+    def __init__(self, redis_url, queue_name, log_path, **secrets):
         code = ("from peal_backend.config import Settings; from peal_backend.jobs import run_worker; "
-                f"run_worker(Settings(redis_url={redis_url!r}, queue_name={queue_name!r}, log_level='WARNING'))")
+                f"run_worker(Settings(redis_url={redis_url!r}, queue_name={queue_name!r}, log_level='WARNING', "
+                f"**{secrets!r}))")
         self.log_path = log_path
         self.proc = subprocess.Popen([sys.executable, "-c", code], env=CHILD_ENV, stdout=open(log_path, "ab"),
                                      stderr=subprocess.STDOUT)
@@ -328,3 +329,181 @@ def test_worker_survives_redis_down_when_a_job_ends(own_redis, tmp_path, workers
         assert workers[0].proc.poll() is None, "the worker process exited"
     finally:
         queue.close()
+
+
+# --- with a real Label Studio: a worker killed mid-training, Label Studio down while pushing ------
+
+from tests.labelstudio_fixture import (label_studio, ls_executable, server_env,  # noqa: E402,F401
+                                       stop_server)
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _choice(label):
+    return [{"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+
+
+def ls_project(label_studio, served, n_labeled: int, n_pool: int, gate_last: bool = False):
+    """A project of real x-rays served by `served`: the first n_labeled annotated (alternating
+    classes), then n_pool unlabeled. With gate_last the last pool image is served at /gate.png."""
+    images, _ = pneumonia(n_labeled + n_pool)
+    urls = []
+    for i, arr in enumerate(images):
+        name = "gate.png" if gate_last and i == len(images) - 1 else f"f{uuid.uuid4().hex[:8]}.png"
+        to_pil(arr).save(served.dir / name, format="PNG")
+        urls.append(served.url("/" + name))
+    sdk = label_studio.client
+    project = sdk.projects.create(title="faults", label_config=CONFIG)
+    ids = list(sdk.projects.import_tasks(id=project.id, request=[{"image": u} for u in urls],
+                                         return_task_ids=True).task_ids)
+    for k, tid in enumerate(ids[:n_labeled]):
+        sdk.annotations.create(id=tid, result=_choice(("normal", "pneumonia")[k % 2]))
+    return project.id, ids
+
+
+def predictions_by_task(label_studio, project: int, version: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for p in label_studio.client.predictions.list(project=project):
+        if p.model_version == version:
+            counts[p.task] = counts.get(p.task, 0) + 1
+    return counts
+
+
+def ls_settings(label_studio, served, tmp_path, tiny_backbone, **kw) -> Settings:
+    return Settings(backbone=tiny_backbone, adapter="linear", model_dir=str(tmp_path / "models"),
+                    label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
+                    allowed_hosts=f"127.0.0.1:{served.port}", epochs=2, min_steps=10, log_level="WARNING", **kw)
+
+
+@pytest.fixture
+def served(tmp_path):
+    from tests.conftest import ImageServer
+    server = ImageServer(tmp_path / "served")
+    yield server
+    server.close()
+
+
+def task_dicts(label_studio, task_ids) -> list[dict]:
+    return [{"id": t, "data": label_studio.client.tasks.get(id=t).data} for t in task_ids]
+
+
+def served_versions(settings: Settings, project: int, tasks: list[dict]) -> list[str]:
+    """The model_version /predict answers each task with (each must get a prediction)."""
+    client = create_app(settings, queue=make_queue(settings, job="jobfuncs.scripted")).test_client()
+    r = client.post("/predict", json={"tasks": tasks, "project": project, "label_config": CONFIG})
+    assert r.status_code == 200 and all(len(x["result"]) == 1 for x in r.json["results"]), r.json
+    return [x["model_version"] for x in r.json["results"]]
+
+
+@pytest.mark.labelstudio
+def test_worker_killed_mid_training_previous_version_serves_and_the_retry_runs_once(
+        label_studio, served, tmp_path, tiny_backbone, workers):
+    import redis
+    from peal_backend.cycle import train_project
+
+    try:
+        redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {SHARED_REDIS}: {exc}")
+    pid, ids = ls_project(label_studio, served, 4, 2)
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    fast = ls_settings(label_studio, served, tmp_path, tiny_backbone, redis_url=SHARED_REDIS, queue_name=name,
+                       job_lock_ttl=2.0)
+    v1 = train_project(pid, fast, "first")["model_version"]
+    slow = fast.replace(min_steps=10**7, epochs=10**4)  # trains until killed
+    secrets = {"label_studio_api_key": label_studio.token}
+    try:
+        workers.append(Worker(SHARED_REDIS, name, tmp_path / "w1.log", **secrets))
+        slow_queue, fast_queue = make_queue(slow), make_queue(fast)
+        slow_queue.request_training(pid, "slow")
+        wait_for(lambda: slow_queue.status(pid)["state"] == "running", "the slow training to start", timeout=60)
+        time.sleep(3)  # into the training loop
+        workers[0].proc.send_signal(signal.SIGKILL)
+        workers[0].proc.wait()
+
+        store = ModelStore(fast.model_dir)
+        assert store.versions(pid) == [v1]
+        assert served_versions(fast, pid, task_dicts(label_studio, ids)) == [v1] * len(ids)
+
+        workers.append(Worker(SHARED_REDIS, name, tmp_path / "w2.log", **secrets))
+        fast_queue.request_training(pid, "after-kill")
+        wait_for(lambda: fast_queue.status(pid)["runs"] == 1, "the retry to finish", timeout=120)
+        status = fast_queue.status(pid)
+        assert status["failures"] == 1 and "abandoned" in status["last_error"]
+        v2 = status["last_result"]["model_version"]
+        assert store.versions(pid) == [v1, v2]
+        assert served_versions(fast, pid, task_dicts(label_studio, ids)) == [v2] * len(ids)
+        pool = ids[4:]
+        assert predictions_by_task(label_studio, pid, v1) == {t: 1 for t in pool}
+        assert predictions_by_task(label_studio, pid, v2) == {t: 1 for t in pool}
+        assert label_studio.client.projects.get(id=pid).model_version == v2
+    finally:
+        from test_jobs import forget_queue
+        client = redis.Redis.from_url(SHARED_REDIS)
+        for w in workers:
+            w.stop()
+        forget_queue(client, name)
+        client.close()
+
+
+def restart_label_studio(server) -> None:
+    """Start Label Studio again on the same port and data folder (after `stop_server`)."""
+    port = server.url.rsplit(":", 1)[1]
+    log = open(server.log_path, "ab")
+    server.process = subprocess.Popen(
+        [str(ls_executable()), "start", "--no-browser", "--port", port, "--internal-host", "127.0.0.1",
+         "--host", server.url, "--enable-legacy-api-token"],
+        env=server_env(server.data_dir, server.document_root), stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(server.data_dir))
+    log.close()
+    import requests
+
+    def up():
+        try:
+            return requests.get(f"{server.url}/api/projects/", headers={"Authorization": f"Token {server.token}"},
+                                timeout=2).ok
+        except requests.RequestException:
+            return False
+    wait_for(up, "Label Studio to come back", timeout=120)
+
+
+@pytest.mark.labelstudio
+def test_label_studio_down_while_pushing_predictions(label_studio, served, tmp_path, tiny_backbone):
+    from peal_backend.cycle import train_project
+    from peal_backend.labelstudio import LabelStudioError
+
+    pid, ids = ls_project(label_studio, served, 4, 3, gate_last=True)
+    settings = ls_settings(label_studio, served, tmp_path, tiny_backbone, fetch_timeout=60.0)
+    store = ModelStore(settings.model_dir)
+    v1 = train_project(pid, settings, "first")["model_version"]
+    pool = ids[4:]
+    assert predictions_by_task(label_studio, pid, v1) == {t: 1 for t in pool}
+
+    tasks = task_dicts(label_studio, ids[:3])
+    # Label Studio goes down after the job has read everything from it, before it pushes predictions
+    stopped = []
+
+    def gate(handler, query):
+        if not stopped:
+            stop_server(label_studio)
+            stopped.append(True)
+        handler.serve_file("/gate.png")
+    served.routes["/gate.png"] = gate
+    settings = settings.replace(cache_dir=str(tmp_path / "cache2"))
+    try:
+        with pytest.raises(LabelStudioError, match=r"failed: ConnectionError \(after \d+ attempts\)") as info:
+            train_project(pid, settings, "during-outage")
+        assert stopped and label_studio.token not in str(info.value)
+        v2 = store.latest(pid).name  # saved before the push: the new version serves /predict
+        assert v2 != v1 and store.versions(pid) == [v1, v2]
+        assert served_versions(settings, pid, tasks) == [v2] * len(tasks)
+    finally:
+        if label_studio.process.poll() is not None or stopped:
+            restart_label_studio(label_studio)
+    assert predictions_by_task(label_studio, pid, v2) == {}
+    assert label_studio.client.projects.get(id=pid).model_version == v1  # not moved to an unpushed version
+
+    v3 = train_project(pid, settings, "after-outage")["model_version"]
+    assert predictions_by_task(label_studio, pid, v3) == {t: 1 for t in pool}
+    assert predictions_by_task(label_studio, pid, v1) == {t: 1 for t in pool}  # nothing duplicated
+    assert label_studio.client.projects.get(id=pid).model_version == v3
