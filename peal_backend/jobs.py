@@ -658,5 +658,28 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     from .scoring import score_queue_name
     # pool-scoring shards first: they help a training that is already running finish sooner
     queues = [Queue(score_queue_name(settings), connection=connection), Queue(settings.queue_name, connection=connection)]
-    worker = SimpleWorker(queues, connection=connection)
-    worker.work(burst=burst, logging_level=settings.log_level)
+    while True:
+        worker = SimpleWorker(queues, connection=connection)
+        try:
+            worker.work(burst=burst, logging_level=settings.log_level)
+        except redis.exceptions.ConnectionError as exc:  # raised from RQ's teardown with Redis gone
+            log.warning("worker lost Redis: %s", exc)
+        if burst or worker._stop_requested:
+            return
+        # RQ's worker quits on an error it did not expect, such as Redis vanishing as a job ends;
+        # a training worker should outlive a Redis restart, so wait for Redis and serve again
+        _wait_for_redis(connection)
+
+
+def _wait_for_redis(connection, max_delay: float = 10.0) -> None:
+    import redis
+
+    delay = 0.5
+    while True:
+        try:
+            connection.ping()
+            log.warning("Redis is back; the worker serves again")
+            return
+        except redis.exceptions.ConnectionError:
+            time.sleep(delay)
+            delay = min(max_delay, delay * 2)

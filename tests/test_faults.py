@@ -311,9 +311,6 @@ def test_redis_down_when_a_job_ends_the_work_is_done_once(own_redis, tmp_path, w
         queue.close()
 
 
-@pytest.mark.xfail(strict=True, reason="jobs.run_worker: RQ's worker exits ('found an unhandled exception, "
-                   "quitting') when Redis is unreachable as a job ends; it should wait for Redis and keep "
-                   "serving rather than rely on an outside supervisor")
 def test_worker_survives_redis_down_when_a_job_ends(own_redis, tmp_path, workers):
     s = Settings(redis_url=own_redis.url, queue_name=f"faults-{uuid.uuid4().hex[:8]}", model_dir=str(tmp_path))
     queue = make_queue(s, job="jobfuncs.scripted")
@@ -327,6 +324,9 @@ def test_worker_survives_redis_down_when_a_job_ends(own_redis, tmp_path, workers
         own_redis.start()
         time.sleep(1)
         assert workers[0].proc.poll() is None, "the worker process exited"
+        # and it serves again once Redis is back (a fresh Redis: nothing was persisted)
+        queue.request_training(6, "after-restart")
+        wait_for(lambda: len(jobfuncs.read_runs(s.model_dir)) == 4, "a job after the restart", timeout=60)
     finally:
         queue.close()
 
