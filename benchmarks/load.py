@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peal_backend.backbone import build_classifier  # noqa: E402
+from peal_backend.backbone import build_classifier, input_size, load_backbone  # noqa: E402
 from peal_backend.config import Settings  # noqa: E402
 from peal_backend.images import preprocess, to_pil  # noqa: E402
 from peal_backend.model import model_settings  # noqa: E402
@@ -76,12 +76,12 @@ def free_port() -> int:
 class Backend:
     """A real gunicorn process group running the backend; stopped with SIGTERM to the group."""
 
-    def __init__(self, settings: Settings, threads: int, workers: int, log_path: Path):
+    def __init__(self, settings: Settings, threads: int, workers: int, log_path: Path, extra_env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone,
                "PEAL_ADAPTER": settings.adapter, "LABEL_STUDIO_URL": settings.label_studio_url,
-               "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
+               "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO), **(extra_env or {})}
         self.command = [sys.executable, "-m", "peal_backend.cli", "serve", "--host", "127.0.0.1",
                         "--port", str(self.port), "--threads", str(threads), "--workers", str(workers)]
         self.proc = subprocess.Popen(self.command, env=env, start_new_session=True,
@@ -140,6 +140,9 @@ def client_loop(url: str, tasks: list[dict], tasks_per_request: int, stop_at: fl
 def run(args) -> str:
     work = Path(tempfile.mkdtemp(prefix="peal-load-"))
     images_server = ImageServer(work / "served")
+    if args.dinov2_small:
+        from benchmarks.pool_scoring import dinov2_small
+        args.backbone = dinov2_small(str(work / "dinov2-small"), "sdpa")
     backbone = args.backbone or save_tiny_dinov2(work / "tiny-dinov2")
     settings = Settings(backbone=backbone, adapter="linear", model_dir=str(work / "models"),
                         label_studio_url=images_server.base_url, epochs=3, min_steps=20)
@@ -153,7 +156,9 @@ def run(args) -> str:
         to_pil(arr).save(images_server.dir / name, format="PNG")
         tasks.append({"id": 1000 + i, "data": {"image": "/" + name}, "project": PROJECT})
 
-    backend = Backend(settings, args.threads, args.workers, work / "gunicorn.log")
+    extra_env = {"PEAL_ACTIVATION_CACHE": "false" if args.no_activation_cache else "true",
+                 "PEAL_PRECISION": args.precision}
+    backend = Backend(settings, args.threads, args.workers, work / "gunicorn.log", extra_env)
     try:
         # warm-up: the first request loads the model and fills the image cache
         for k in range(0, len(tasks), 8):
@@ -186,6 +191,7 @@ def run(args) -> str:
         ("duration", f"{elapsed:.1f} s"),
         ("tasks per request", args.tasks_per_request),
         ("gunicorn", f"{args.workers} worker(s) x {args.threads} threads (gthread)"),
+        ("activation cache / precision", f"{'off' if args.no_activation_cache else 'on'} / {args.precision}"),
         ("requests ok", n_ok),
         ("errors", n_err),
         ("requests/s", f"{n_ok / elapsed:.1f}"),
@@ -196,7 +202,8 @@ def run(args) -> str:
         ("latency max", f"{1000 * lat[-1]:.1f} ms" if lat else "n/a"),
         ("server-side errors_5xx (from /metrics)", server_metrics.get("counts", {}).get("errors_5xx", 0)),
     ]
-    backbone_name = args.backbone or "the tests' tiny random DINOv2"
+    backbone_name = ("the DINOv2-small architecture (random weights)" if args.dinov2_small
+                     else args.backbone or "the tests' tiny random DINOv2")
     command = "nice -n 10 python -m benchmarks.load " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         "# Load: /predict on a real gunicorn over loopback",
@@ -205,7 +212,7 @@ def run(args) -> str:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), Python "
         f"{platform.python_version()}, torch {torch.__version__}. Model: version `{version}` (linear probe "
-        f"on {backbone_name}, 28 px), images: "
+        f"on {backbone_name}, served at {input_size(settings, load_backbone(backbone).config)} px), images: "
         f"{len(tasks)} real PneumoniaMNIST PNGs served from a loopback HTTP server as Label Studio "
         "`/data/upload/...` URLs (disk-cached by the backend after the warm-up).",
         "",
@@ -227,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
     p.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     p.add_argument("--backbone", default="", help="a saved DINOv2 folder (default: the tests' tiny one)")
+    p.add_argument("--dinov2-small", action="store_true", help="use the DINOv2-small architecture (224 px)")
+    p.add_argument("--no-activation-cache", action="store_true", help="PEAL_ACTIVATION_CACHE=false on the server")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
     p.add_argument("--out", default="", help="also write the markdown here")
     args = p.parse_args(argv)
     args.seconds = min(args.seconds, 120.0)
