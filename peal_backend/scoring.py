@@ -100,8 +100,9 @@ def frozen_activations(clf: Classifier, pixels: torch.Tensor, settings: Settings
     dtype = _dtype(model)
     out = []
     with torch.inference_mode():
-        for i in range(0, len(pixels), settings.batch_size):
-            h = model.embed(pixels[i:i + settings.batch_size].to(settings.device, dtype), until=clf.first_adapted)
+        bs = settings.inference_batch_size
+        for i in range(0, len(pixels), bs):
+            h = model.embed(pixels[i:i + bs].to(settings.device, dtype), until=clf.first_adapted)
             if clf.first_adapted == clf.n_layers:
                 h = model.features_from(h, clf.n_layers)
             out.append(h.float().cpu().numpy())
@@ -118,8 +119,9 @@ def score_from_activations(clf: Classifier, acts: np.ndarray, settings: Settings
     clf.eval()
     feats, logits = [], []
     with torch.inference_mode(), _autocast(settings):
-        for i in range(0, len(acts), settings.batch_size):
-            h = torch.from_numpy(acts[i:i + settings.batch_size]).to(settings.device, _dtype(clf))
+        bs = settings.inference_batch_size
+        for i in range(0, len(acts), bs):
+            h = torch.from_numpy(acts[i:i + bs]).to(settings.device, _dtype(clf))
             f = h if clf.first_adapted == clf.n_layers else clf.features_from(h, clf.first_adapted)
             feats.append(f.float().cpu())
             logits.append(clf.head(f).float().cpu())

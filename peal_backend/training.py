@@ -109,7 +109,7 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
     n = len(pixels)
     if n == 0:
         raise ValueError("no labeled images to train on")
-    prefix = _frozen_prefix(model, pixels, settings.batch_size)
+    prefix = _frozen_prefix(model, pixels, settings.inference_batch_size)
 
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
@@ -176,14 +176,15 @@ def predict(model: Classifier, pixels: torch.Tensor, settings: Settings, *, mult
     on this CPU) and a small one under autocast.
     """
     model.eval()
-    if bf16_enabled(settings) and _dtype(model) == torch.float32 and len(pixels) > settings.batch_size:
+    bs = settings.inference_batch_size
+    if bf16_enabled(settings) and _dtype(model) == torch.float32 and len(pixels) > bs:
         model = copy.deepcopy(model).to(torch.bfloat16)
     dtype = _dtype(model)
     context = _autocast(settings) if dtype == torch.float32 else contextlib.nullcontext()
     feats, logits = [], []
     with torch.inference_mode(), context:
-        for i in range(0, len(pixels), settings.batch_size):
-            f = model.features(pixels[i:i + settings.batch_size].to(settings.device, dtype))
+        for i in range(0, len(pixels), bs):
+            f = model.features(pixels[i:i + bs].to(settings.device, dtype))
             feats.append(f.float().cpu())
             logits.append(model.head(f).float().cpu())
     if not feats:
