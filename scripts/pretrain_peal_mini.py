@@ -181,11 +181,11 @@ def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p
     def factor(lo, hi):
         return torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=g)
 
+    # mild brightness/contrast: in X-rays and fundus photos intensity is part of the signal
     jit = per(0.8)
-    gray = x.mean(dim=1, keepdim=True)
-    x = x + jit * (x * factor(0.6, 1.4) - x)  # brightness
+    x = x + jit * (x * factor(0.8, 1.2) - x)  # brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = x + jit * ((x - mean) * factor(0.6, 1.4) + mean - x)  # contrast
+    x = x + jit * ((x - mean) * factor(0.8, 1.2) + mean - x)  # contrast
     gray = x.mean(dim=1, keepdim=True)
     x = x + jit * ((x - gray) * factor(0.8, 1.2) + gray - x)  # saturation
     x = x.clamp(0, 1)
@@ -209,7 +209,7 @@ def multi_crop(batch_u8: torch.Tensor, args, g: torch.Generator) -> tuple[list[t
     x = batch_u8.permute(0, 3, 1, 2).float() / 255.0
     glob = [normalise(color_augment(random_resized_crop(x, args.image_size, (0.3, 1.0), g), g, blur_p, sol_p))
             for blur_p, sol_p in ((0.8, 0.0), (0.1, 0.2))]
-    local = [normalise(color_augment(random_resized_crop(x, args.local_size, (0.05, 0.3), g), g, 0.5, 0.0))
+    local = [normalise(color_augment(random_resized_crop(x, args.local_size, (args.local_scale_min, 0.4), g), g, 0.5, 0.0))
              for _ in range(args.local_crops)]
     return glob, local
 
@@ -425,8 +425,9 @@ def parse_args(argv=None):
     ap.add_argument("--drop-path", type=float, default=0.1)
     ap.add_argument("--local-crops", type=int, default=4)
     ap.add_argument("--local-size", type=int, default=12)
+    ap.add_argument("--local-scale-min", type=float, default=0.1, help="local crops cover this to 40%% of the image")
     ap.add_argument("--out-dim", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--min-lr", type=float, default=1e-5)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup-frac", type=float, default=0.1)
@@ -437,9 +438,9 @@ def parse_args(argv=None):
     ap.add_argument("--clip", type=float, default=3.0)
     ap.add_argument("--freeze-last-steps", type=int, default=50)
     ap.add_argument("--crops-per-wallpaper", type=int, default=150)
-    ap.add_argument("--w-domain", type=float, default=0.5, help="sampling weight of the two train pools together")
-    ap.add_argument("--w-fmnist", type=float, default=0.2)
-    ap.add_argument("--w-wallpapers", type=float, default=0.3)
+    ap.add_argument("--w-domain", type=float, default=0.8, help="sampling weight of the two train pools together")
+    ap.add_argument("--w-fmnist", type=float, default=0.1)
+    ap.add_argument("--w-wallpapers", type=float, default=0.1)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--checkpoint-dir", default="", help="also save the teacher backbone here every --checkpoint-every steps")
     ap.add_argument("--checkpoint-every", type=int, default=200)

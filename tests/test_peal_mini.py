@@ -1,0 +1,83 @@
+"""peal-mini, the backbone shipped in the package: it loads, has its advertised shape, and its frozen
+features carry information that a randomly initialised twin's do not."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Dinov2Model
+
+from peal_backend.backbones import PEAL_MINI_DIR, cls_mean_features, to_pixel_values
+
+RETINA = Path("/work/shared/datasets/retinamnist.npz")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return Dinov2Model.from_pretrained(PEAL_MINI_DIR)
+
+
+def test_folder_is_a_save_pretrained_folder_with_provenance():
+    names = {p.name for p in PEAL_MINI_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "PROVENANCE.json"} <= names
+    prov = json.loads((PEAL_MINI_DIR / "PROVENANCE.json").read_text())
+    weights = (PEAL_MINI_DIR / "model.safetensors").read_bytes()
+    assert prov["model_sha256"] == hashlib.sha256(weights).hexdigest()  # provenance is for these weights
+    assert prov["seed"] == 0 and prov["command"].startswith("python scripts/pretrain_peal_mini.py")
+    assert all(src["images"] > 0 for k, src in prov["corpus"].items() if k != "wallpapers")
+    # pretrained on train images only, never on test images
+    assert prov["corpus"]["fashion_mnist"]["file"].endswith("train-images-idx3-ubyte.gz")
+    assert prov["corpus"]["retinamnist"]["split"] == prov["corpus"]["pneumoniamnist"]["split"] == "train_images"
+
+
+def test_advertised_shape(model):
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (192, 6, 3)
+    assert cfg.image_size == 28 and cfg.image_size % cfg.patch_size == 0
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 2_000_000 < n_params < 5_000_000
+    x = to_pixel_values(np.zeros((2, 28, 28), np.uint8), cfg.image_size)
+    with torch.no_grad():
+        h = model(pixel_values=x).last_hidden_state
+    assert h.shape == (2, 1 + (28 // cfg.patch_size) ** 2, 192)
+    assert torch.isfinite(h).all()
+
+
+def _nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray, n_train: int) -> float:
+    """Standardise with the train rows, assign each test row to the closer class mean."""
+    tr, te = features[:n_train], features[n_train:]
+    mu, sd = tr.mean(0), tr.std(0) + 1e-6
+    tr, te = (tr - mu) / sd, (te - mu) / sd
+    centroids = np.stack([tr[labels[:n_train] == k].mean(0) for k in (0, 1)])
+    pred = ((te[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    return float((pred == labels[n_train:]).mean())
+
+
+@pytest.mark.skipif(not RETINA.exists(), reason=f"{RETINA} not present")
+def test_features_separate_retinopathy_better_than_random_twin(model):
+    """Healthy fundus (grade 0) vs retinopathy (grade >= 2), 60 labels, 300 test images, 3 draws."""
+    with np.load(RETINA) as d:
+        tr_x, tr_grade = d["train_images"], d["train_labels"].ravel()
+        te_x, te_grade = d["test_images"], d["test_labels"].ravel()
+    tr_y, te_y = (tr_grade >= 2).astype(int), (te_grade >= 2).astype(int)
+    keep_tr, keep_te = np.flatnonzero(tr_grade != 1), np.flatnonzero(te_grade != 1)  # grade 1 is borderline
+    torch.manual_seed(0)
+    twin = Dinov2Model(model.config)
+    acc = {"mini": [], "twin": []}
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        tr = rng.choice(keep_tr, 60, replace=False)
+        te = rng.choice(keep_te, 300, replace=False)
+        images = np.concatenate([tr_x[tr], te_x[te]])
+        labels = np.concatenate([tr_y[tr], te_y[te]])
+        acc["mini"].append(_nearest_centroid_accuracy(cls_mean_features(model, images), labels, 60))
+        acc["twin"].append(_nearest_centroid_accuracy(cls_mean_features(twin, images), labels, 60))
+    mini, rand = np.mean(acc["mini"]), np.mean(acc["twin"])
+    assert mini > 0.72, acc
+    assert mini > rand + 0.03, acc
+
