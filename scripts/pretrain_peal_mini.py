@@ -12,7 +12,7 @@ Corpus, all offline and real (never test images):
     (`plasma-workspace-wallpapers`, `gnome-backgrounds`, `mate-backgrounds`)
   * the unlabeled TRAIN pools of /work/shared/datasets/{retinamnist,pneumoniamnist}.npz
 
-    python scripts/pretrain_peal_mini.py --install-packages          # the full run (~40 min on a shared 2-core CPU)
+    python scripts/pretrain_peal_mini.py --install-packages          # the full run (~20-40 min on a shared 2-core CPU)
     python scripts/pretrain_peal_mini.py --steps 30 --out /tmp/smoke  # a smoke run
 """
 from __future__ import annotations
