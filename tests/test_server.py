@@ -237,3 +237,23 @@ def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_ser
     assert [len(x["result"]) for x in r.json()["results"]] == [1, 1, 1, 1]
     r = requests.post(url + "/predict", data=b"\xff\xfe garbage", headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
+
+
+def test_webhook_answers_at_once_while_a_training_runs(client, settings):
+    """Label Studio waits at most 1 s for a webhook; a running training must not hold it up."""
+    queue = client.application.extensions["peal"]["get_queue"]()
+    queue.request_training(8, "sleep=3")  # the test job sleeps 3 s: a training in progress
+    deadline = time.time() + 20
+    while client.get("/jobs/8").json.get("state") != "running" and time.time() < deadline:
+        time.sleep(0.02)
+    assert client.get("/jobs/8").json["state"] == "running"
+    slowest = 0.0
+    for i in range(10):
+        t = time.perf_counter()
+        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 8},
+                                          "annotation": {"id": i}, "task": {"id": i}})
+        slowest = max(slowest, time.perf_counter() - t)
+        assert r.status_code == 201
+    assert client.get("/jobs/8").json["state"] == "running"  # the training was still going all along
+    print(f"slowest webhook answer while training: {slowest * 1000:.1f} ms")
+    assert slowest < 1.0
