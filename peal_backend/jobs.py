@@ -664,7 +664,8 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
             worker.work(burst=burst, logging_level=settings.log_level)
         except redis.exceptions.ConnectionError as exc:  # raised from RQ's teardown with Redis gone
             log.warning("worker lost Redis: %s", exc)
-        if burst or worker._stop_requested:
+        # a SIGTERM/SIGINT (warm shutdown) sets one of these, a crash neither
+        if burst or worker._stop_requested or getattr(worker, "_shutdown_requested_date", None) is not None:
             return
         # RQ's worker quits on an error it did not expect, such as Redis vanishing as a job ends;
         # a training worker should outlive a Redis restart, so wait for Redis and serve again

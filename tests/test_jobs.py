@@ -376,3 +376,14 @@ def test_redis_worker_killed_while_waiting_frees_the_queue_slot(redis_setup):
     wait_for(lambda: queue.status(8)["runs"] == 1, "the third job", timeout=20)
     assert [r[4].split()[0] for r in starts(settings.model_dir, 8)] == ["sleep=60", "third"]
     assert queue.status(8)["failures"] == 1  # the running job; the waiter never started training
+
+
+def test_redis_worker_stops_on_sigterm(redis_setup):
+    """The worker outlives Redis outages (test_faults) but still stops when asked to."""
+    settings, make, workers = redis_setup
+    queue = make()
+    proc = workers.start()
+    queue.request_training(5, "sleep=0")
+    wait_for(lambda: starts(settings.model_dir, 5), "the worker to run a job")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
