@@ -36,13 +36,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from peal_backend import images as images_module  # noqa: E402
 DEBIAN_PACKAGES = ("dataset-fashion-mnist", "plasma-workspace-wallpapers", "gnome-backgrounds", "mate-backgrounds")
 FMNIST_FILE = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 WALLPAPER_DIRS = (Path("/usr/share/wallpapers"), Path("/usr/share/backgrounds"))
-SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS", "/work/shared/datasets"))
+SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 DOMAIN_SETS = ("retinamnist", "pneumoniamnist")
-IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+IMAGENET_MEAN = torch.tensor(images_module.IMAGENET_MEAN).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor(images_module.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------- corpus

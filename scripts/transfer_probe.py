@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from peal_backend.backbones import PEAL_MINI_DIR, cls_mean_features, to_pixel_values  # noqa: E402
 
-SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS", "/work/shared/datasets"))
+SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 DATASETS = ("retinamnist", "pneumoniamnist")
 BUDGETS = (20, 50, 200, None)  # None: all train labels
 

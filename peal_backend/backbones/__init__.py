@@ -12,28 +12,18 @@ import numpy as np
 BACKBONES_DIR = Path(__file__).resolve().parent
 PEAL_MINI_DIR = BACKBONES_DIR / "peal-mini"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def to_pixel_values(images: np.ndarray, size: int):
-    """uint8 images (N,H,W) or (N,H,W,3) -> float tensor (N,3,size,size), ImageNet-normalised."""
-    import torch
-    import torch.nn.functional as F
+    """uint8 images (N,H,W) or (N,H,W,3) -> float tensor (N,3,size,size), preprocessed exactly as the
+    backend preprocesses fetched images (peal_backend.images.preprocess)."""
+    from ..images import preprocess, to_pil
 
     arr = np.asarray(images)
     if arr.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {arr.dtype}")
-    if arr.ndim == 3:  # grayscale: repeat into 3 channels, as the backend does
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
+    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] != 3):
         raise ValueError(f"images must have shape (N,H,W) or (N,H,W,3), got {arr.shape}")
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return preprocess([to_pil(a) for a in arr], size)
 
 
 def cls_mean_features(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
