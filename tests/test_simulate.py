@@ -275,7 +275,7 @@ def test_smoke_two_cycles_with_peal_mini_beat_chance(tmp_path):
     """The CLI as users run it: a 2-cycle run on a slice of PneumoniaMNIST produces the CSV and the
     PNG, with accuracies in [0, 1] above the majority-class rate of the test slice."""
     cmd = [sys.executable, "-m", "peal_backend.cli", "simulate", "--data", str(PNEUMONIA), "--backbone", "peal-mini",
-           "--adapter", "linear", "--strategy", "entropy,random", "--budget", "20", "--cycles", "2", "--seeds", "1",
+           "--adapter", "linear", "--strategy", "entropy,random", "--budget", "40", "--cycles", "2", "--seeds", "1",
            "--limit-train", "400", "--limit-test", "200", "--out", str(tmp_path), "--quiet"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
