@@ -654,6 +654,8 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     if not settings.redis_url:
         raise SettingsError("REDIS_URL is empty: `peal-backend worker` needs the Redis the server uses")
     _WORKER_SETTINGS = settings
+    from .training import configure_torch
+    configure_torch(settings)
     connection = redis.Redis.from_url(settings.redis_url)
     from .scoring import score_queue_name
     # pool-scoring shards first: they help a training that is already running finish sooner

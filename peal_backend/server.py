@@ -20,6 +20,7 @@ from .backbone import BackboneLoadError
 from .config import Settings
 from .images import ImageFetcher
 from .jobs import QueueError
+from .training import configure_torch
 from .labelstudio import LabelStudioError
 from .model import LabelConfigError, PayloadError, PealModel, project_id
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # at DEBUG it logs full URLs, signed ones included
+    configure_torch(settings)
     app = Flask("peal_backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False

@@ -19,6 +19,12 @@ from .backbone import Classifier
 from .config import Settings
 
 
+def configure_torch(settings: Settings) -> None:
+    """Process-wide torch settings; called once by the server and the worker at start."""
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+
+
 # --- losses (pure) -------------------------------------------------------------------------------
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per row, in nats; stable for extreme logits."""
