@@ -65,7 +65,7 @@ def run_cycle(settings: Settings, pixels: torch.Tensor, targets: torch.Tensor, p
         clf.load_trainable(init)
     metrics = fit(clf, pixels, targets, settings, multilabel=multiple, progress=progress)
     if hashes is not None and cache_dir and cacheable(clf):
-        cache = ActivationCache(Path(cache_dir) / cache_key(settings, clf, pixels.shape[-1]))
+        cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, pixels.shape[-1]))
         labeled = score_cached(clf, settings, hashes[0], pixels, cache, multilabel=multiple)
         pool = score_cached(clf, settings, hashes[1], pool_pixels, cache, multilabel=multiple)
     else:

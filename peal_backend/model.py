@@ -238,7 +238,7 @@ def predict_images(loaded: LoadedModel, images: list) -> Prediction:
 
 def cached_predict(loaded: LoadedModel, images: list, hashes: list[str], cache_root: str) -> Prediction:
     """Like predict_images, but images whose frozen activations are cached skip the backbone."""
-    cache = ActivationCache(Path(cache_root) / cache_key(loaded.settings, loaded.classifier, loaded.size))
+    cache = ActivationCache.shared(Path(cache_root) / cache_key(loaded.settings, loaded.classifier, loaded.size))
     return score_cached(loaded.classifier, loaded.settings, hashes,
                         lambda pos: preprocess([images[i] for i in pos], loaded.size), cache, multilabel=loaded.multiple)
 

@@ -51,6 +51,18 @@ class ActivationCache:
         self._maps: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
+    _open: dict[str, "ActivationCache"] = {}
+    _open_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, root: str | os.PathLike) -> "ActivationCache":
+        """One instance per folder in this process, so shards already indexed are not read again."""
+        key = os.path.abspath(root)
+        with cls._open_lock:
+            if key not in cls._open:
+                cls._open[key] = cls(key)
+            return cls._open[key]
+
     def _refresh(self) -> None:
         for listing in self.root.glob("shard-*.json"):
             name = listing.stem
