@@ -26,19 +26,23 @@ from .store import ModelStore
 log = logging.getLogger(__name__)
 
 
-def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int):
-    """Images (and their content hashes) of the tasks that can be fetched; a bad image skips its task,
-    never the batch."""
+def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int,
+               keep_images: bool = True):
+    """Images (and content hashes) of the tasks that can be fetched; a bad image skips its task, never
+    the batch. Without `keep_images` only the hashes are kept (a pool is re-read from the fetcher's
+    disk cache a chunk at a time, so its memory stays bounded)."""
     kept, images, hashes, errors = [], [], [], 0
     for task in tasks:
         try:
             data, image = fetcher.fetch_both(task_image_url(task, spec))
-            images.append(image)
-            hashes.append(content_hash(data))
-            kept.append(task)
         except (ImageError, PayloadError) as exc:
             errors += 1
             log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), exc)
+            continue
+        if keep_images:
+            images.append(image)
+        hashes.append(content_hash(data))
+        kept.append(task)
     return kept, images, hashes, errors
 
 
@@ -83,9 +87,10 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         targets = torch.tensor([label_of[t["id"]][0] for t in tasks])
 
     size = input_size(settings, load_backbone(settings.backbone).config)
-    pool_tasks, pool_images, pool_hashes, pool_bad = [], [], [], 0
+    pool_tasks, pool_hashes, pool_bad = [], [], 0
     if settings.push_predictions:
-        pool_tasks, pool_images, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec, "unlabeled", project)
+        pool_tasks, _, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec,
+                                                          "unlabeled", project, keep_images=False)
 
     fetch_seconds = time.perf_counter() - started
     sharding = None
@@ -98,8 +103,10 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
             and tuple(latest.meta.get("labels", ())) == spec.labels):
         init = latest.weights()
-    result = run_cycle(settings, preprocess(images, size), targets, preprocess(pool_images, size), n_classes,
-                       multiple=spec.multiple, init=init, hashes=(hashes, pool_hashes),
+    result = run_cycle(settings, preprocess(images, size), targets,
+                       lambda positions: preprocess([fetcher.fetch(task_image_url(pool_tasks[i], spec))
+                                                     for i in positions], size), n_classes,
+                       n_pool=len(pool_tasks), multiple=spec.multiple, init=init, hashes=(hashes, pool_hashes),
                        cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
 
     queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}

@@ -52,14 +52,18 @@ def normalised(pred: Prediction, multiple: bool) -> Prediction:
     return Prediction(p, pred.logits, pred.embeddings)
 
 
-def run_cycle(settings: Settings, pixels: torch.Tensor, targets: torch.Tensor, pool_pixels: torch.Tensor,
-              n_classes: int, *, multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
+def run_cycle(settings: Settings, pixels: torch.Tensor, targets: torch.Tensor,
+              pool_pixels: torch.Tensor | Callable[[list[int]], torch.Tensor], n_classes: int, *,
+              n_pool: int | None = None, multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
               progress: Callable[[int, int, float], None] | None = None,
               hashes: tuple[list[str], list[str]] | None = None, cache_dir: str | None = None) -> CycleResult:
     """Train a fresh classifier (or warm-start from `init`), score the pool and rank it.
 
-    With `hashes` (content hashes of the labeled and pool images) and `cache_dir`, frozen activations
-    are reused from earlier cycles (see scoring.py)."""
+    `pool_pixels` is a tensor, or a callable giving the tensor for a list of pool positions (then
+    `n_pool` says how many there are): a large pool is then preprocessed a chunk at a time, and images
+    whose frozen activations are cached are not preprocessed at all. With `hashes` (content hashes of
+    the labeled and pool images) and `cache_dir`, frozen activations are reused from earlier cycles."""
+    n_pool = len(pool_pixels) if n_pool is None else n_pool
     clf = build_classifier(settings, n_classes)
     if init is not None:
         clf.load_trainable(init)
@@ -70,9 +74,21 @@ def run_cycle(settings: Settings, pixels: torch.Tensor, targets: torch.Tensor, p
         pool = score_cached(clf, settings, hashes[1], pool_pixels, cache, multilabel=multiple)
     else:
         labeled = predict(clf, pixels, settings, multilabel=multiple)
-        pool = predict(clf, pool_pixels, settings, multilabel=multiple)
+        pool = predict_in_chunks(clf, pool_pixels, n_pool, settings, multilabel=multiple)
     order, scores = rank_pool(settings, labeled, pool, class_ids(targets), multiple)
     return CycleResult(clf, metrics, labeled, pool, order, scores)
+
+
+POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.6 MB per image)
+
+
+def predict_in_chunks(clf: Classifier, source, n: int, settings: Settings, *, multilabel: bool = False) -> Prediction:
+    parts = [predict(clf, source(list(range(i, min(n, i + POOL_CHUNK)))) if callable(source)
+                     else source[i:i + POOL_CHUNK], settings, multilabel=multilabel)
+             for i in range(0, n, POOL_CHUNK)]
+    if not parts:
+        return predict(clf, torch.zeros(0, 3, 1, 1), settings, multilabel=multilabel)
+    return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "logits", "embeddings")))
 
 
 def rank_pool(settings: Settings, labeled: Prediction, pool: Prediction, labels: np.ndarray,

@@ -30,6 +30,9 @@ from .config import Settings
 from .training import Prediction, _autocast, _dtype, bf16_enabled
 
 
+FILL_CHUNK = 1024  # images preprocessed and pushed through the frozen blocks at once
+
+
 def cacheable(clf: Classifier) -> bool:
     return clf.adapter != "prompt" and clf.first_adapted > 0
 
@@ -152,9 +155,10 @@ def score_cached(clf: Classifier, settings: Settings, hashes: list[str], pixels,
     if not hashes:
         return score_from_activations(clf, np.zeros((0,), np.float32), settings, multilabel=multilabel)
     todo = cache.missing(hashes)
-    if todo:
-        px = pixels(todo) if callable(pixels) else pixels[todo]
-        cache.put([hashes[i] for i in todo], frozen_activations(clf, px, settings))
+    for start in range(0, len(todo), FILL_CHUNK):  # chunks bound the memory of a first, uncached pass
+        chunk = todo[start:start + FILL_CHUNK]
+        px = pixels(chunk) if callable(pixels) else pixels[chunk]
+        cache.put([hashes[i] for i in chunk], frozen_activations(clf, px, settings))
     return score_from_activations(clf, cache.get(hashes), settings, multilabel=multilabel)
 
 
