@@ -447,11 +447,13 @@ def plot_results(rows: list[dict], out: Path) -> list[Path]:
     for dataset, cfgs in curves(rows).items():
         adapters = [a for a in ("linear", "lora", "prompt") if any(c.startswith(a + "/") for c in cfgs)]
         fig, axes = plt.subplots(1, len(adapters), figsize=(5.2 * len(adapters), 4.2), sharey=True, squeeze=False)
+        variants = list(dict.fromkeys(c.split("/", 1)[1] for c in cfgs))  # one colour per variant in every panel
+        colours = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
         for ax, adapter in zip(axes[0], adapters):
             names = [c for c in cfgs if c.startswith(adapter + "/")]
-            colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-            for i, name in enumerate(names):
+            for name in names:
                 pts = cfgs[name]
+                i = variants.index(name.split("/", 1)[1])
                 x = np.array(list(pts))
                 mean = np.array([a.mean() for a in pts.values()])
                 std = np.array([a.std() for a in pts.values()])
@@ -494,7 +496,8 @@ def summary_markdown(rows: list[dict]) -> str:
         lines += [f"### {dataset}", ""]
         if target is not None:
             lines += [f"Reference: linear/random reaches {target:.3f} at {max(ref)} labels.", ""]
-        head = ["config", "seeds"] + [str(n) for n in budgets] + ["labels to reach ref", "unknown frac", "s/cycle"]
+        head = (["config", "seeds"] + [str(n) for n in budgets]
+                + ["labels to reach ref", "macro-F1 at end", "ECE at end", "unknown frac", "s/cycle"])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, pts in sorted(cfgs.items()):
             mine = [r for r in ds_rows if r["config"] == name]
@@ -503,9 +506,11 @@ def summary_markdown(rows: list[dict]) -> str:
             unknown = [float(r["unknown_fraction"]) for r in mine if r["unknown_fraction"] not in ("", None)]
             secs = np.mean([float(r["train_seconds"]) + float(r["select_seconds"]) + float(r["eval_seconds"]) for r in mine])
             seeds = len({r["seed"] for r in mine})
+            last = [r for r in mine if int(r["labels"]) == max(pts)]
+            f1, ece = (np.mean([float(r[k]) for r in last]) for k in ("macro_f1", "ece"))
             lines.append("| " + " | ".join([name, str(seeds)] + cells + [
                 "—" if target is None else (str(reach) if reach is not None else "not reached"),
-                f"{np.mean(unknown):.2f}" if unknown else "", f"{secs:.1f}"]) + " |")
+                f"{f1:.3f}", f"{ece:.3f}", f"{np.mean(unknown):.2f}" if unknown else "", f"{secs:.1f}"]) + " |")
         lines += ["", timing_markdown(ds_rows), ""]
     return "\n".join(lines)
 

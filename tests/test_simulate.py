@@ -242,13 +242,14 @@ def test_labels_to_reach_and_summary_reference():
     pts = {10: np.array([0.5, 0.6]), 20: np.array([0.7, 0.8]), 30: np.array([0.9, 0.9])}
     assert sim.labels_to_reach(pts, 0.75) == 20
     assert sim.labels_to_reach(pts, 0.95) is None
-    rows = [dict(dataset="d", config=c, adapter=c.split("/")[0], seed=s, cycle=i, labels=n, accuracy=a, unknown_fraction="", train_seconds=1,
+    rows = [dict(dataset="d", config=c, adapter=c.split("/")[0], seed=s, cycle=i, labels=n, accuracy=a, unknown_fraction="",
+                 macro_f1=a - 0.1, ece=0.05, train_seconds=1,
                  select_seconds=0.5, eval_seconds=0.5)
             for c, acc in (("linear/random", (0.5, 0.7)), ("lora/entropy", (0.72, 0.8)))
             for s in (0, 1) for i, (n, a) in enumerate(zip((5, 10), acc))]
     text = sim.summary_markdown(rows)
     assert "linear/random reaches 0.700 at 10 labels" in text
-    assert "| lora/entropy | 2 | 0.720 ± 0.000 | 0.800 ± 0.000 | 5 |  | 2.0 |" in text
+    assert "| lora/entropy | 2 | 0.720 ± 0.000 | 0.800 ± 0.000 | 5 | 0.700 | 0.050 |  | 2.0 |" in text
     assert "| lora | 2 | 1.00 | 0.50 | 0.50 | 2.00 |" in text  # cycle 0 left out of the timing
 
 
