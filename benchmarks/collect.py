@@ -2,6 +2,7 @@
 
     python -m benchmarks.collect
 """
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,8 @@ def main() -> None:
         shift = 2 - min(levels, default=2)
         text = "\n".join(("#" * shift + line) if line.startswith("#") and shift > 0 else
                          line[-shift:] if line.startswith("#") and shift < 0 else line for line in lines)
+        # links relative to benchmarks/results/ become relative to the repository root
+        text = re.sub(r"\]\((?!https?:|#|/|benchmarks/)", "](benchmarks/results/", text)
         parts.append(f'<a id="{name}"></a>\n\n{text}\n')
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
 
