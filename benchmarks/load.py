@@ -39,7 +39,7 @@ from peal_backend.model import model_settings  # noqa: E402
 from peal_backend.store import ModelStore  # noqa: E402
 from peal_backend.training import fit  # noqa: E402
 from tests.backbone_fixture import save_tiny_dinov2  # noqa: E402
-from tests.conftest import DATASETS, ImageServer  # noqa: E402
+from tests.conftest import DATASETS, ImageServer, free_port  # noqa: E402
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -64,13 +64,6 @@ def train_version(settings: Settings) -> str:
     fit(model, preprocess([to_pil(a) for a in images], size), torch.tensor(labels.astype(np.int64)), settings)
     meta = {"labels": ["normal", "pneumonia"], "multiple": False, "model_settings": model_settings(settings)}
     return ModelStore(settings.model_dir).save(PROJECT, "peal-linear", model.trainable_state(), meta).name
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Backend:

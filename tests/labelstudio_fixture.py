@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LS_VERSION = "1.23.2"
@@ -54,12 +54,6 @@ def require_label_studio() -> Path:
             pytest.fail(msg + "; PEAL_REQUIRE_LABEL_STUDIO is set", pytrace=False)
         pytest.skip(msg)
     return exe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

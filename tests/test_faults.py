@@ -20,7 +20,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -41,7 +40,7 @@ from peal_backend.server import create_app
 from peal_backend.store import ModelStore
 from peal_backend.training import fit
 from tests.backbone_fixture import tiny_backbone  # noqa: F401
-from tests.conftest import DATASETS
+from tests.conftest import DATASETS, free_port, wait_for
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -51,22 +50,6 @@ CONFIG = """<View>
   <Choices name="diagnosis" toName="image"><Choice value="normal"/><Choice value="pneumonia"/></Choices>
 </View>"""
 REDIS_PASSWORD = "redis-pw-SECRET-93d1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def pneumonia(n):

@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import pickle
-import socket
 import struct
 import time
 import zlib
@@ -21,6 +20,7 @@ from PIL import Image
 from peal_backend.config import Settings
 from peal_backend.images import (IMAGENET_MEAN, IMAGENET_STD, ImageError, ImageFetcher, content_hash,
                                  decode_image, preprocess, safe_url, to_pil)
+from tests.conftest import free_port
 
 TOKEN = "s3cr3t-api-token"
 
@@ -63,12 +63,6 @@ def png_declaring(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(data[ihdr + 4:ihdr + 8 + 13]))
     data[ihdr + 8 + 13:ihdr + 8 + 17] = struct.pack(">I", crc)
     return bytes(data)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- fetching real images --------------------------------------------------------------------------

@@ -12,22 +12,13 @@ import pytest
 import jobfuncs
 from peal_backend import jobs
 from peal_backend.config import Settings, SettingsError
+from tests.conftest import wait_for
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
 REDIS_URL = "redis://127.0.0.1:6379/0"
 JOB = "jobfuncs.scripted"
 SECRET = "s3cret-api-key-4217"
-
-
-def wait_for(predicate, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def starts(model_dir, project):

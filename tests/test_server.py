@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from peal_backend.server import create_app
 from peal_backend.store import ModelStore
 from peal_backend.training import fit
 from tests.backbone_fixture import tiny_backbone  # noqa: F401
-from tests.conftest import DATASETS
+from tests.conftest import DATASETS, free_port
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -196,12 +195,6 @@ def test_basic_auth(settings, tmp_path):
 
 
 # --- a real gunicorn process --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gunicorn_backend(settings):
     port = free_port()
