@@ -10,12 +10,16 @@ Prompt tuning (prompts enter at block 0) and LoRA on every block have nothing fr
 
 Entries are keyed by image content hash (sha256 of the fetched bytes) and stored as .npy shards,
 read back through memory maps; a shard's .json list of hashes is written after its .npy, so a shard
-without its list is incomplete and ignored.
+without its list is incomplete and ignored. Every /predict of new images adds a small shard, so once
+a folder holds more than COMPACT_AT shards they are merged into one (under a file lock; readers that
+still map an old shard keep reading it, and a reader that finds one gone re-indexes).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -25,12 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone import Classifier, resolve_backbone
+from .backbone import Classifier, backbone_fingerprint
 from .config import Settings
 from .training import Prediction, _autocast, _dtype, bf16_enabled
 
 
+log = logging.getLogger(__name__)
+
 FILL_CHUNK = 1024  # images preprocessed and pushed through the frozen blocks at once
+COMPACT_AT = 64  # shards in one cache folder before they are merged
 
 
 def cacheable(clf: Classifier) -> bool:
@@ -39,7 +46,7 @@ def cacheable(clf: Classifier) -> bool:
 
 def cache_key(settings: Settings, clf: Classifier, size: int) -> str:
     """What the cached activations depend on: backbone, input size, block index, pooling, precision."""
-    ident = {"backbone": resolve_backbone(settings.backbone), "size": size, "block": clf.first_adapted,
+    ident = {"backbone": backbone_fingerprint(settings.backbone), "size": size, "block": clf.first_adapted,
              "layers": clf.n_layers, "features": settings.features, "bf16": bf16_enabled(settings)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -66,16 +73,71 @@ class ActivationCache:
                 cls._open[key] = cls(key)
             return cls._open[key]
 
+    def _read_shard(self, listing: Path) -> tuple[list[str], np.ndarray] | None:
+        """A complete shard's hashes and memory-mapped rows; None if a compaction merged it away
+        meanwhile (its rows are then in the merged shard)."""
+        try:
+            with open(listing) as f:
+                hashes = json.load(f)
+            return hashes, np.load(self.root / f"{listing.stem}.npy", mmap_mode="r")
+        except FileNotFoundError:
+            return None
+
     def _refresh(self) -> None:
         for listing in self.root.glob("shard-*.json"):
             name = listing.stem
-            if name in self._maps:
+            if name in self._maps or (shard := self._read_shard(listing)) is None:
                 continue
-            with open(listing) as f:
-                hashes = json.load(f)
-            self._maps[name] = np.load(self.root / f"{name}.npy", mmap_mode="r")
+            hashes, self._maps[name] = shard
             for row, h in enumerate(hashes):
                 self._index.setdefault(h, (name, row))
+
+    def _write_shard(self, hashes: list[str], store: np.ndarray) -> str:
+        name = f"shard-{uuid.uuid4().hex}"
+        tmp = self.root / f".{name}.npy"
+        np.save(tmp, store)
+        os.replace(tmp, self.root / f"{name}.npy")
+        tmp_list = self.root / f".{name}.json"
+        with open(tmp_list, "w") as f:
+            json.dump(list(hashes), f)
+        os.replace(tmp_list, self.root / f"{name}.json")
+        return name
+
+    def shard_count(self) -> int:
+        return sum(1 for _ in self.root.glob("shard-*.json"))
+
+    def compact(self) -> int:
+        """Merge every complete shard into one; returns how many were merged (0: another process is
+        compacting, or there was nothing to merge). Old shards are removed only after the merged one
+        is complete, list last, so no entry is ever missing from the folder."""
+        with open(self.root / ".compact.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            names, hashes, parts, seen = [], [], [], set()
+            for listing in sorted(self.root.glob("shard-*.json")):
+                if (shard := self._read_shard(listing)) is None:
+                    continue
+                rows, arr = shard
+                names.append(listing.stem)
+                keep = [i for i, h in enumerate(rows) if h not in seen]
+                seen.update(rows)
+                hashes += [rows[i] for i in keep]
+                parts.append(np.asarray(arr[keep]))
+            if len(names) < 2:
+                return 0
+            dtype = np.result_type(*(p.dtype for p in parts))
+            merged = self._write_shard(hashes, np.concatenate([p.astype(dtype) for p in parts]))
+            for name in names:  # the list first: a listed shard always has its array
+                (self.root / f"{name}.json").unlink(missing_ok=True)
+                (self.root / f"{name}.npy").unlink(missing_ok=True)
+        with self._lock:  # this process: forget the old shards (open maps stay valid until dropped)
+            self._maps = {k: v for k, v in self._maps.items() if k not in names}
+            self._index = {h: loc for h, loc in self._index.items() if loc[0] not in names}
+            self._refresh()
+        log.info("activation cache %s: merged %d shards into %s (%d entries)", self.root, len(names), merged, len(hashes))
+        return len(names)
 
     def missing(self, hashes: list[str]) -> list[int]:
         with self._lock:
@@ -92,14 +154,9 @@ class ActivationCache:
             return
         # float16 halves the disk; activations beyond its range are kept in float32
         store = values.astype(np.float16) if np.abs(values).max() < 6e4 else values.astype(np.float32)
-        name = f"shard-{uuid.uuid4().hex}"
-        tmp = self.root / f".{name}.npy"
-        np.save(tmp, store)
-        os.replace(tmp, self.root / f"{name}.npy")
-        tmp_list = self.root / f".{name}.json"
-        with open(tmp_list, "w") as f:
-            json.dump(list(hashes), f)
-        os.replace(tmp_list, self.root / f"{name}.json")
+        self._write_shard(hashes, store)
+        if self.shard_count() > COMPACT_AT:
+            self.compact()
 
     def __len__(self) -> int:
         with self._lock:

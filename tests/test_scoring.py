@@ -64,3 +64,37 @@ def test_cache_key_separates_backbones_sizes_and_blocks(tiny_backbone):
     keys = {cache_key(s, clf, 28), cache_key(s, clf, 56), cache_key(s.replace(features="cls"), clf, 28),
             cache_key(s, build_classifier(s.replace(adapter="linear"), 2), 28)}
     assert len(keys) == 4
+
+
+def test_many_small_shards_are_merged_and_no_entry_is_lost(tmp_path, monkeypatch):
+    from peal_backend import scoring
+
+    monkeypatch.setattr(scoring, "COMPACT_AT", 8)  # a smaller threshold, the same code path
+    rng = np.random.default_rng(0)
+    values = {f"h{i}": rng.normal(size=(1, 6)).astype(np.float32) for i in range(30)}
+    writer, reader = ActivationCache(tmp_path), ActivationCache(tmp_path)  # as two processes
+    for i, (h, v) in enumerate(values.items()):
+        writer.put([h], v)  # one small shard per /predict of a new image
+        if i == 5:
+            reader.get(["h0", "h5"])  # the reader has mapped early shards, which a compaction then deletes
+    writer.put(["h0"], values["h0"])  # a duplicate entry: kept once by the merge
+    assert writer.shard_count() <= 8
+    expected = np.concatenate(list(values.values()))
+    for cache in (writer, reader, ActivationCache(tmp_path)):
+        assert cache.missing(list(values)) == []
+        np.testing.assert_allclose(cache.get(list(values)), expected, atol=1e-2)  # stored as float16
+    assert writer.compact() >= 2 and writer.shard_count() == 1 and len(ActivationCache(tmp_path)) == 30
+
+
+def test_cache_key_changes_when_the_backbone_weights_change(tiny_backbone):
+    import os
+    from pathlib import Path
+
+    s = Settings(backbone=tiny_backbone, adapter="linear")
+    clf = build_classifier(s, 2)
+    before = cache_key(s, clf, 28)
+    assert cache_key(s, clf, 28) == before  # stable while the weights are
+    weights = next(Path(tiny_backbone).glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # retrained in place
+    assert cache_key(s, clf, 28) != before
