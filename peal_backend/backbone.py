@@ -37,6 +37,17 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
+def backbone_fingerprint(name: str) -> str:
+    """What identifies the backbone's weights, for caches of its activations: a hub id as given; for a
+    folder (packaged backbones included), its path plus the size and mtime of each weight file, so
+    retrained or replaced weights under the same path never reuse stale activations."""
+    source = resolve_backbone(name)
+    if not os.path.isdir(source):
+        return source
+    files = sorted(p for p in Path(source).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return source + ";" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 _cache: dict[str, nn.Module] = {}
 _cache_lock = threading.Lock()
 
@@ -47,13 +58,16 @@ def load_backbone(name: str) -> nn.Module:
     The pretrained weights are read once per process; each caller gets its own deep copy so that
     adapters injected into one model never leak into another.
     """
+    import torch
     from transformers import Dinov2Model
 
     source = resolve_backbone(name)
     with _cache_lock:
         if source not in _cache:
             try:
-                model = Dinov2Model.from_pretrained(source, attn_implementation="sdpa")
+                # float32 whatever the stored dtype (peal-mini is stored in float16 to stay small);
+                # training and scoring opt into bf16 autocast where the hardware has it
+                model = Dinov2Model.from_pretrained(source, attn_implementation="sdpa", dtype=torch.float32)
             except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
                 local = os.path.exists(source)
                 hint = (f"the folder {source!r} exists but does not hold a DINOv2 model saved with save_pretrained"

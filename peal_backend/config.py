@@ -59,7 +59,7 @@ class Settings:
     features: str = _env("PEAL_FEATURES", "cls+mean", "What the head sees: cls (CLS token) or cls+mean (CLS and mean patch token).",
                          str, ("cls", "cls+mean"))
     image_size: int = _env("PEAL_IMAGE_SIZE", 0, "Images are resized to this square size, rounded down to a multiple of the patch size "
-                          "(0 = the backbone's own size, capped at 224: 224 for hub DINOv2, 32 for peal-mini).", int)
+                          "(0 = the backbone's own size, capped at 224: 224 for hub DINOv2, 28 for peal-mini).", int)
     batch_size: int = _env("PEAL_BATCH_SIZE", 32, "Training batch size.", int)
     inference_batch_size: int = _env("PEAL_INFERENCE_BATCH_SIZE", 128, "Batch size for scoring the pool and /predict "
                                      "(on the 2-core CPU, bf16 DINOv2-small ran 12 images/s at 32, 22 at 128).", int)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from peal_backend.backbones import PEAL_MINI_DIR, cls_mean_features, to_pixel_values  # noqa: E402
 
-SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+SHARED = Path(os.environ.get("PEAL_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 DATASETS = ("retinamnist", "pneumoniamnist")
 BUDGETS = (20, 50, 200, None)  # None: all train labels
 
@@ -56,7 +56,7 @@ def feature_sets(backbone: str | Path, images: np.ndarray) -> dict[str, np.ndarr
     import torch
     from transformers import Dinov2Model
 
-    model = Dinov2Model.from_pretrained(backbone)
+    model = Dinov2Model.from_pretrained(backbone, dtype=torch.float32)
     torch.manual_seed(0)
     twin = Dinov2Model(model.config)  # same shape, random initialisation
     size = int(model.config.image_size)

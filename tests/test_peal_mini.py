@@ -12,14 +12,15 @@ import torch
 from transformers import Dinov2Model
 
 from peal_backend.backbones import PEAL_MINI_DIR, cls_mean_features, to_pixel_values
+from tests.conftest import DATASETS
 
-RETINA = Path("/work/shared/datasets/retinamnist.npz")
+RETINA = DATASETS / "retinamnist.npz"
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
-    return Dinov2Model.from_pretrained(PEAL_MINI_DIR)
+    return Dinov2Model.from_pretrained(PEAL_MINI_DIR, dtype=torch.float32)
 
 
 def test_folder_is_a_save_pretrained_folder_with_provenance():
