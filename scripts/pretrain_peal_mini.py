@@ -41,7 +41,7 @@ from peal_backend import images as images_module  # noqa: E402
 DEBIAN_PACKAGES = ("dataset-fashion-mnist", "plasma-workspace-wallpapers", "gnome-backgrounds", "mate-backgrounds")
 FMNIST_FILE = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 WALLPAPER_DIRS = (Path("/usr/share/wallpapers"), Path("/usr/share/backgrounds"))
-SHARED = Path(os.environ.get("PEAL_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+SHARED = Path(os.environ.get("PEAL_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 DOMAIN_SETS = ("retinamnist", "pneumoniamnist")
 IMAGENET_MEAN = torch.tensor(images_module.IMAGENET_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(images_module.IMAGENET_STD).view(1, 3, 1, 1)
@@ -173,8 +173,9 @@ def random_resized_crop(x: torch.Tensor, out: int, scale: tuple[float, float], g
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p: float) -> torch.Tensor:
-    """Colour jitter (p=0.8), grayscale (p=0.2), blur, solarisation; x in [0, 1]."""
+def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p: float,
+                  jitter: float = 0.2) -> torch.Tensor:
+    """Colour jitter (p=0.8, factors 1 ± jitter), grayscale (p=0.2), blur, solarisation; x in [0, 1]."""
     n = x.shape[0]
 
     def per(p):  # a (n,1,1,1) mask: which images get this transform
@@ -183,13 +184,14 @@ def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p
     def factor(lo, hi):
         return torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=g)
 
-    # mild brightness/contrast: in X-rays and fundus photos intensity is part of the signal
+    # mild (or no) brightness/contrast: in X-rays and fundus photos intensity is part of the signal
     jit = per(0.8)
-    x = x + jit * (x * factor(0.8, 1.2) - x)  # brightness
+    lo, hi = 1 - jitter, 1 + jitter
+    x = x + jit * (x * factor(lo, hi) - x)  # brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = x + jit * ((x - mean) * factor(0.8, 1.2) + mean - x)  # contrast
+    x = x + jit * ((x - mean) * factor(lo, hi) + mean - x)  # contrast
     gray = x.mean(dim=1, keepdim=True)
-    x = x + jit * ((x - gray) * factor(0.8, 1.2) + gray - x)  # saturation
+    x = x + jit * ((x - gray) * factor(lo, hi) + gray - x)  # saturation
     x = x.clamp(0, 1)
     gm = per(0.2)
     x = x + gm * (x.mean(dim=1, keepdim=True).expand_as(x) - x)
@@ -209,9 +211,11 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 def multi_crop(batch_u8: torch.Tensor, args, g: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Two global views (image_size) and args.local_crops local views (args.local_size)."""
     x = batch_u8.permute(0, 3, 1, 2).float() / 255.0
-    glob = [normalise(color_augment(random_resized_crop(x, args.image_size, (0.3, 1.0), g), g, blur_p, sol_p))
+    glob = [normalise(color_augment(random_resized_crop(x, args.image_size, (0.3, 1.0), g), g, blur_p, sol_p,
+                                    args.jitter))
             for blur_p, sol_p in ((0.8, 0.0), (0.1, 0.2))]
-    local = [normalise(color_augment(random_resized_crop(x, args.local_size, (args.local_scale_min, 0.4), g), g, 0.5, 0.0))
+    local = [normalise(color_augment(random_resized_crop(x, args.local_size, (args.local_scale_min, 0.4), g), g,
+                                     0.5, 0.0, args.jitter))
              for _ in range(args.local_crops)]
     return glob, local
 
@@ -233,16 +237,38 @@ class ProjectionHead(nn.Module):
 
 
 class Network(nn.Module):
-    def __init__(self, backbone, out_dim: int):
+    def __init__(self, backbone, out_dim: int, pixel: bool = False):
         super().__init__()
-        dim = backbone.config.hidden_size
+        dim, patch = backbone.config.hidden_size, backbone.config.patch_size
         self.backbone = backbone
         self.cls_head = ProjectionHead(dim, out_dim)
         self.patch_head = ProjectionHead(dim, out_dim)
+        # masked pixel prediction (SimMIM-style): a patch token -> the raw normalised pixels under it.
+        # Only built when used, so runs without it draw the same random numbers as before it existed.
+        self.pixel_head = (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, patch * patch * 3))
+                           if pixel else None)
 
     def forward(self, x, mask=None):
+        """(CLS prototype logits, CLS token, patch tokens)."""
         h = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
-        return self.cls_head(h[:, 0]), h[:, 1:]
+        return self.cls_head(h[:, 0]), h[:, 0], h[:, 1:]
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(n, c, H, W) -> (n, patches, patch*patch*c), patches in row-major order as the ViT embeds them."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+def save_backbone(backbone, out: Path, dtype: str = "float16") -> None:
+    """save_pretrained an inference copy (no drop-path), stored in `dtype` (float16 halves the size;
+    the backend loads it back in float32)."""
+    import copy
+
+    model = copy.deepcopy(backbone).to(getattr(torch, dtype))
+    model.config.drop_path_rate = 0.0
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def make_config(args):
@@ -253,9 +279,9 @@ def make_config(args):
                         num_channels=3, drop_path_rate=args.drop_path, layerscale_value=1.0)
 
 
-def random_masks(n: int, num_patches: int, g: torch.Generator) -> torch.Tensor:
-    """iBOT masking: half the images get 10-50% of their patches masked, the others none."""
-    ratio = torch.empty(n).uniform_(0.1, 0.5, generator=g) * (torch.rand(n, generator=g) < 0.5)
+def random_masks(n: int, num_patches: int, g: torch.Generator, prob: float = 0.5) -> torch.Tensor:
+    """iBOT masking: a share `prob` of the images get 10-50% of their patches masked, the others none."""
+    ratio = torch.empty(n).uniform_(0.1, 0.5, generator=g) * (torch.rand(n, generator=g) < prob)
     scores = torch.rand(n, num_patches, generator=g)
     k = (ratio * num_patches).round().long()
     ranks = scores.argsort(dim=1).argsort(dim=1)
@@ -263,9 +289,8 @@ def random_masks(n: int, num_patches: int, g: torch.Generator) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- losses
-def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center, s_temp, t_temp) -> torch.Tensor:
-    """Cross-entropy between sharpened centred teacher globals and every other student view."""
-    t_probs = [F.softmax((t - center) / t_temp, dim=-1) for t in teacher]
+def dino_loss(student: list[torch.Tensor], t_probs: list[torch.Tensor], s_temp) -> torch.Tensor:
+    """Cross-entropy between the teacher's target distributions (global views) and every other student view."""
     total, pairs = 0.0, 0
     for ti, tp in enumerate(t_probs):
         for si, s in enumerate(student):
@@ -276,12 +301,35 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center, 
     return total / pairs
 
 
-def ibot_loss(student_patch, teacher_patch, center, s_temp, t_temp) -> torch.Tensor:
-    """Cross-entropy on the masked patches (rows: masked tokens of all images)."""
+def ibot_loss(student_patch, tp, s_temp) -> torch.Tensor:
+    """Cross-entropy on the masked patches (rows: masked tokens of all images; tp: teacher targets)."""
     if student_patch.shape[0] == 0:
         return student_patch.sum()
-    tp = F.softmax((teacher_patch - center) / t_temp, dim=-1)
     return torch.sum(-tp * F.log_softmax(student_patch / s_temp, dim=-1), dim=-1).mean()
+
+
+def pixel_loss(net: "Network", patch_tokens: torch.Tensor, view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked pixel prediction: MSE between the pixel head on the masked tokens and the pixels under them."""
+    return F.mse_loss(net.pixel_head(patch_tokens[mask]), patchify(view, net.backbone.config.patch_size)[mask])
+
+
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+    """Teacher targets with equipartition over the batch (DINOv2's centering): rows sum to 1."""
+    q = torch.exp((logits - logits.max()) / temp).t()  # prototypes x samples
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy regulariser (DINOv2): push each feature away from its nearest neighbour."""
+    x = F.normalize(x, dim=-1)
+    d = torch.cdist(x, x)
+    d = d + torch.eye(len(x)) * 1e4
+    return -torch.log(d.min(dim=1).values + eps).mean()
 
 
 def cosine(step: int, total: int, start: float, end: float, warmup: int = 0) -> float:
@@ -314,12 +362,23 @@ def train(args) -> None:
     from transformers import Dinov2Model
 
     config = make_config(args)
-    student = Network(Dinov2Model(config), args.out_dim)
-    teacher = Network(Dinov2Model(config), args.out_dim)
+    use_pixel = args.objective == "pixel" or args.pixel_weight > 0
+    student = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel)
+    init = {}
+    if args.init_from:  # continue from an earlier stage's backbone (e.g. masked pixel prediction first)
+        start = Dinov2Model.from_pretrained(args.init_from, dtype=torch.float32)
+        student.backbone.load_state_dict(start.state_dict())
+        init_file = next(Path(args.init_from).glob("*.safetensors"))
+        init = {"path": args.init_from, "sha256": sha256(init_file)}
+        stage = Path(args.init_from) / "PROVENANCE.json"
+        if stage.exists():
+            init["provenance"] = json.loads(stage.read_text())
+    teacher = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel)
     teacher.load_state_dict(student.state_dict())
     teacher.eval()  # no drop-path in the teacher
     for p in teacher.parameters():
         p.requires_grad = False
+    final = student if args.objective == "pixel" else teacher  # the network whose backbone is saved
     n_params = sum(p.numel() for p in student.backbone.parameters())
     print(f"backbone parameters: {n_params:,}", flush=True)
 
@@ -332,6 +391,7 @@ def train(args) -> None:
     patch_center = torch.zeros(1, args.out_dim)
     num_patches = (args.image_size // args.patch) ** 2
     warmup = max(1, int(args.warmup_frac * args.steps))
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     log, t_train = [], time.time()
     for step in range(args.steps):
         lr = args.lr * (step + 1) / warmup if step < warmup else cosine(step, args.steps, args.lr, args.min_lr, warmup)
@@ -341,24 +401,43 @@ def train(args) -> None:
         t_temp = args.teacher_temp if step >= warmup else 0.04 + (args.teacher_temp - 0.04) * step / warmup
         batch = sample_batch(sources, weights, args.batch_size, rng)
         glob, local = multi_crop(batch, args, g)
-        masks = [random_masks(args.batch_size, num_patches, g) for _ in glob]
-
-        with torch.no_grad():
-            t_out = [teacher(v) for v in glob]
-            t_cls = [o[0] for o in t_out]
-            # the patch heads only see masked tokens: the loss ignores the others
-            t_patch = [teacher.patch_head(o[1][m]) for o, m in zip(t_out, masks)]
-        s_glob = [student(v, m) for v, m in zip(glob, masks)]
-        s_cls = [o[0] for o in s_glob] + [student(v)[0] for v in local]
-        loss_dino = dino_loss(s_cls, t_cls, center, args.student_temp, t_temp)
-        loss_ibot = sum(ibot_loss(student.patch_head(o[1][m]), tp, patch_center, args.student_temp, t_temp)
-                        for o, tp, m in zip(s_glob, t_patch, masks)) / len(glob)
-        loss = loss_dino + args.ibot_weight * loss_ibot
-
+        masks = [random_masks(args.batch_size, num_patches, g, args.mask_prob) for _ in glob]
+        if args.objective == "pixel":
+            # masked image modelling alone (SimMIM): one masked global view, raw pixel targets, no teacher
+            view = glob[0]
+            m = torch.rand(args.batch_size, num_patches, generator=g).argsort(1).argsort(1) < int(args.mask_ratio * num_patches)
+            out = student(view, m)
+            loss_pixel = pixel_loss(student, out[2], view, m)
+            loss_koleo = koleo_loss(out[1])
+            loss = loss_pixel + args.koleo_weight * loss_koleo
+            loss_dino = loss_ibot = torch.zeros(())
+            t_cls_p = [torch.full((1, args.out_dim), 1.0 / args.out_dim)]
+        else:
+            with torch.no_grad():
+                t_out = [teacher(v) for v in glob]
+                t_cls = [o[0] for o in t_out]
+                # the patch heads only see masked tokens: the loss ignores the others
+                t_patch = [teacher.patch_head(o[2][m]) for o, m in zip(t_out, masks)]
+                if args.centering == "sinkhorn":
+                    t_cls_p = [sinkhorn_knopp(t, t_temp) for t in t_cls]
+                    t_patch_p = [sinkhorn_knopp(t, t_temp) if len(t) else t for t in t_patch]
+                else:
+                    t_cls_p = [F.softmax((t - center) / t_temp, dim=-1) for t in t_cls]
+                    t_patch_p = [F.softmax((t - patch_center) / t_temp, dim=-1) for t in t_patch]
+            s_glob = [student(v, m) for v, m in zip(glob, masks)]
+            s_cls = [o[0] for o in s_glob] + [student(v)[0] for v in local]
+            loss_dino = dino_loss(s_cls, t_cls_p, args.student_temp)
+            loss_ibot = sum(ibot_loss(student.patch_head(o[2][m]), tp, args.student_temp)
+                            for o, tp, m in zip(s_glob, t_patch_p, masks)) / len(glob)
+            loss_koleo = sum(koleo_loss(o[1]) for o in s_glob) / len(glob)
+            loss_pixel = (sum(pixel_loss(student, o[2], v, m) for o, v, m in zip(s_glob, glob, masks) if m.any())
+                          / len(glob) if use_pixel else torch.zeros(()))
+            loss = (loss_dino + args.ibot_weight * loss_ibot + args.koleo_weight * loss_koleo
+                    + args.pixel_weight * loss_pixel)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step < args.freeze_last_steps:  # DINO: keep the prototypes fixed at first, for stability
-            for head in (student.cls_head, student.patch_head):
+            for head in (student.cls_head, student.patch_head):  # the pixel head trains from the start
                 for p in head.last.parameters():
                     p.grad = None
         nn.utils.clip_grad_norm_(params, args.clip)
@@ -366,37 +445,46 @@ def train(args) -> None:
         with torch.no_grad():
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
-            center.mul_(0.9).add_(torch.cat(t_cls).mean(0, keepdim=True), alpha=0.1)
-            patch_center.mul_(0.9).add_(torch.cat(t_patch).mean(0, keepdim=True), alpha=0.1)
+            if args.objective != "pixel":
+                center.mul_(0.9).add_(torch.cat(t_cls).mean(0, keepdim=True), alpha=0.1)
+                patch_center.mul_(0.9).add_(torch.cat(t_patch).mean(0, keepdim=True), alpha=0.1)
 
         if step % args.log_every == 0 or step == args.steps - 1:
             # teacher entropy near 0 or near log(out_dim) would signal collapse
-            tp = F.softmax((t_cls[0] - center) / t_temp, dim=-1)
+            tp = t_cls_p[0]
             ent = float(-(tp * tp.clamp_min(1e-12).log()).sum(-1).mean())
             rec = {"step": step, "loss": round(loss.item(), 4), "dino": round(loss_dino.item(), 4),
-                   "ibot": round(loss_ibot.item(), 4), "teacher_entropy": round(ent, 3), "lr": round(lr, 6),
+                   "ibot": round(loss_ibot.item(), 4), "koleo": round(loss_koleo.item(), 4),
+                   "pixel": round(float(loss_pixel), 4), "teacher_entropy": round(ent, 3), "lr": round(lr, 6),
                    "elapsed_s": round(time.time() - t_train, 1)}
             log.append(rec)
             print(json.dumps(rec), flush=True)
         if args.checkpoint_dir and step and step % args.checkpoint_every == 0:
-            teacher.backbone.save_pretrained(Path(args.checkpoint_dir) / f"step{step}")
+            ckpt = Path(args.checkpoint_dir) / f"step{step}"
+            save_backbone(final.backbone, ckpt, args.save_dtype)
+            (ckpt / "PROVENANCE.json").write_text(json.dumps(
+                {"checkpoint_of": command,
+                 "step": step, "args": vars(args), "seed": args.seed, "corpus": corpus,
+                 "loss_log": log, "init_from": init or None}, indent=2) + "\n")
 
     train_s = time.time() - t_train
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    teacher.backbone.config.drop_path_rate = 0.0  # inference config
-    teacher.backbone.save_pretrained(out, safe_serialization=True)
+    save_backbone(final.backbone, out, args.save_dtype)
     tail = log[-5:] if len(log) >= 5 else log
     provenance = {
         "model": "peal-mini",
-        "architecture": "transformers Dinov2Model (teacher backbone after DINO+iBOT self-distillation)",
+        "architecture": ("transformers Dinov2Model (student backbone after masked pixel prediction)"
+                         if args.objective == "pixel" else
+                         "transformers Dinov2Model (teacher backbone after DINO+iBOT self-distillation)"),
         "parameters": n_params,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": command,
         "args": vars(args),
         "seed": args.seed,
         "corpus": corpus,
         "corpus_mix": weights,
+        "init_from": init or None,
         "debian_packages": package_versions(),
         "training_seconds": round(train_s, 1),
         "total_seconds": round(time.time() - t_start, 1),
@@ -437,6 +525,18 @@ def parse_args(argv=None):
     ap.add_argument("--teacher-temp", type=float, default=0.04)
     ap.add_argument("--student-temp", type=float, default=0.1)
     ap.add_argument("--ibot-weight", type=float, default=1.0)
+    ap.add_argument("--koleo-weight", type=float, default=0.0, help="DINOv2's KoLeo regulariser on the CLS token")
+    ap.add_argument("--pixel-weight", type=float, default=0.0,
+                    help="masked pixel prediction (raw normalised pixels of masked patches): keeps intensity")
+    ap.add_argument("--centering", choices=("sinkhorn", "ema"), default="ema",
+                    help="teacher targets: Sinkhorn-Knopp equipartition (DINOv2) or DINO's EMA centre")
+    ap.add_argument("--objective", choices=("dino", "pixel"), default="dino",
+                    help="dino: DINO + iBOT self-distillation (+ --pixel-weight); pixel: masked pixel prediction only")
+    ap.add_argument("--mask-prob", type=float, default=0.5, help="share of images masked (iBOT, dino objective)")
+    ap.add_argument("--init-from", default="", help="start the backbone from this save_pretrained folder")
+    ap.add_argument("--mask-ratio", type=float, default=0.5, help="share of patches masked with --objective pixel")
+    ap.add_argument("--jitter", type=float, default=0.2,
+                    help="brightness/contrast/saturation factors drawn from 1 ± this (0: none)")
     ap.add_argument("--clip", type=float, default=3.0)
     ap.add_argument("--freeze-last-steps", type=int, default=50)
     ap.add_argument("--crops-per-wallpaper", type=int, default=150)
@@ -444,8 +544,11 @@ def parse_args(argv=None):
     ap.add_argument("--w-fmnist", type=float, default=0.1)
     ap.add_argument("--w-wallpapers", type=float, default=0.1)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--checkpoint-dir", default="", help="also save the teacher backbone here every --checkpoint-every steps")
+    ap.add_argument("--checkpoint-dir", default="", help="also save the backbone that --out gets (teacher; student with --objective pixel) "
+                         "here every --checkpoint-every steps, with its provenance")
     ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float32",
+                    help="dtype the weights are stored in (float16: about 5 MB)")
     return ap.parse_args(argv)
 
 
