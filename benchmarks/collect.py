@@ -11,8 +11,9 @@ ORDER = ["label_efficiency", "peal_mini", "pool_scoring", "rescore", "sharded_sc
          "selection", "load"]
 INTRO = """# Benchmarks
 
-Every figure below was produced by the command printed beside it, on this project's 2-core CPU machine
-(Intel Xeon with AMX/AVX-512 bf16, 24 GiB), usually while other work shared the two cores: absolute
+Every figure below was produced by the command printed beside it, on this project's 2-core, 24 GiB
+machines (the CPU model differs between sessions: an Intel Xeon with AMX/AVX-512 bf16 in one, an AMD
+EPYC without AVX-512 in another), usually while other work shared the two cores: absolute
 times are noisy, so comparisons are ratios measured side by side in the same run. Sections are
 assembled from `benchmarks/results/*.md` by `python -m benchmarks.collect`.
 """
