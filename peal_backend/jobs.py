@@ -356,6 +356,11 @@ class RedisStore:
     def queued_token(self, project_id: int) -> str | None:
         return self.redis.get(self.key("queued", project_id))
 
+    def queued_lease_ms(self, project_id: int) -> int:
+        """Milliseconds left on the queued flag's lease: -1 if it has none yet (its job has not
+        begun waiting), -2 if there is no flag."""
+        return int(self.redis.pttl(self.key("queued", project_id)))
+
     def status(self, project_id: int) -> dict:
         self._reap(keys=[self.key("running", project_id), self.key("status", project_id)],
                    args=[_now(), _ABANDONED_SUFFIX])
@@ -587,7 +592,7 @@ class RedisQueue:
                 if queued:
                     self._enqueue(project_id, reason, token)
                     return {"project_id": project_id, "queued": True, "coalesced": False, "job_id": token}
-                if not self._is_stale(job_id):
+                if not self._is_stale(project_id, job_id):
                     return {"project_id": project_id, "queued": True, "coalesced": True, "job_id": job_id}
                 log.warning("project %s: queued job %s is gone from RQ; queueing a new one", project_id, job_id)
                 self._store.clear_queued(project_id, job_id)
@@ -605,7 +610,7 @@ class RedisQueue:
             self._store.clear_queued(project_id, token)
             raise
 
-    def _is_stale(self, job_id: str | None) -> bool:
+    def _is_stale(self, project_id: int, job_id: str | None) -> bool:
         """A queued flag whose RQ job no longer exists or is over (e.g. the queue was emptied)."""
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
@@ -613,10 +618,21 @@ class RedisQueue:
         if not job_id:
             return False  # the flag vanished between the two reads: the next pass will queue
         try:
-            status = Job.fetch(job_id, connection=self._rq_redis).get_status(refresh=False)
+            job = Job.fetch(job_id, connection=self._rq_redis)
         except NoSuchJobError:
             return True
-        return status is not None and str(getattr(status, "value", status)) in _OVER
+        status = job.get_status(refresh=False)
+        status = str(getattr(status, "value", status)) if status is not None else None
+        if status in _OVER:
+            return True
+        if status == "started" and self._store.queued_lease_ms(project_id) == -1 and job.started_at:
+            # execute_job leases the flag as its first act; a job RQ started more than a lease ago
+            # whose flag still has no lease lost its worker in between (e.g. a SIGKILL right after
+            # the pick-up), and RQ would call it "started" until the job timeout
+            started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
+            age = (datetime.now(timezone.utc) - started).total_seconds()
+            return age > self.lock_ttl
+        return False
 
     def status(self, project_id: int | None = None) -> dict:
         with _redis_errors(self.settings):

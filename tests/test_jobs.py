@@ -334,6 +334,33 @@ def test_redis_queued_flag_whose_job_vanished_is_replaced(redis_setup):
     assert queue.request_training(6, "z")["coalesced"]
 
 
+def test_redis_flag_of_a_worker_killed_before_its_first_heartbeat_is_replaced(redis_setup):
+    """The state a worker SIGKILLed between RQ's pick-up and execute_job's first beat leaves: RQ
+    calls the job started (until its timeout), the queued flag has no lease. A new request replaces
+    it once the job is older than a lease, and not before."""
+    from datetime import datetime, timedelta, timezone
+
+    from rq.job import Job, JobStatus
+
+    _, make, _ = redis_setup
+    queue = make(lock_ttl=2)
+    first = queue.request_training(9, "x")["job_id"]
+    job = Job.fetch(first, connection=queue._rq_redis)
+    queue.rq_queue.remove(job)  # what RQ does on pick-up: off the queue, marked started by a worker
+    with queue._rq_redis.pipeline() as pipe:
+        job.prepare_for_execution("peal-test-dead-worker", pipe)
+        pipe.execute()
+    assert queue._store.queued_lease_ms(9) == -1
+    assert queue.request_training(9, "y")["coalesced"]  # just picked up: may still be about to beat
+
+    job.started_at = datetime.now(timezone.utc) - timedelta(seconds=3)
+    job.save()
+    again = queue.request_training(9, "z")
+    assert not again["coalesced"] and again["job_id"] != first
+    assert queue.rq_queue.job_ids == [again["job_id"]]
+    assert Job.fetch(first, connection=queue._rq_redis).get_status() == JobStatus.STARTED  # RQ's view, untouched
+
+
 def test_redis_retrain_every_zero_never_queues(redis_setup):
     _, make, _ = redis_setup
     queue = make(settings={"retrain_every": 0})
@@ -354,6 +381,8 @@ def test_redis_worker_killed_while_waiting_frees_the_queue_slot(redis_setup):
     waiting_job = queue.request_training(8, "second")["job_id"]
     wait_for(lambda: Job.fetch(waiting_job, connection=queue._rq_redis).get_status() == "started",
              "the second job to wait on the other worker", timeout=20)
+    # RQ says "started" a moment before execute_job's first beat leases the flag: wait for the lease
+    wait_for(lambda: queue._store.queued_lease_ms(8) > 0, "the waiter to lease its queue slot", timeout=20)
     assert queue.request_training(8, "coalesced")["coalesced"]
     waiter.send_signal(signal.SIGKILL)
     waiter.wait()
