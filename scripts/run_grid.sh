@@ -32,8 +32,10 @@ stage_lora_more() {  # the other strategies
 stage_prompt() {
   sim --data "$1" --adapter prompt --strategy "$STRATEGIES" --seeds 5
 }
-stage_balance() {    # class balancing for the two best variants (chosen from the results above)
-  sim --data "$1" --adapter lora --strategy "${BALANCED:-entropy+bal,badge+bal}" --seeds 5
+stage_balance() {    # class balancing for the two best variants: BEST="adapter/strategy ...", chosen from the results above
+  for best in ${BEST:-linear/margin linear/entropy+cal}; do
+    sim --data "$1" --adapter "${best%%/*}" --strategy "${best#*/}+bal" --seeds 5
+  done
 }
 report() {
   "$PY" -c "import sys; from pathlib import Path; from peal_backend import simulate as s; o = Path(sys.argv[1]); \
