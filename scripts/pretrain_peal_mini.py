@@ -455,7 +455,7 @@ def train(args) -> None:
             ent = float(-(tp * tp.clamp_min(1e-12).log()).sum(-1).mean())
             rec = {"step": step, "loss": round(loss.item(), 4), "dino": round(loss_dino.item(), 4),
                    "ibot": round(loss_ibot.item(), 4), "koleo": round(loss_koleo.item(), 4),
-                   "pixel": round(float(loss_pixel), 4), "teacher_entropy": round(ent, 3), "lr": round(lr, 6),
+                   "pixel": round(float(torch.as_tensor(loss_pixel).detach()), 4), "teacher_entropy": round(ent, 3), "lr": round(lr, 6),
                    "elapsed_s": round(time.time() - t_train, 1)}
             log.append(rec)
             print(json.dumps(rec), flush=True)
