@@ -40,6 +40,8 @@ stage_balance() {    # class balancing for the two best variants: BEST="adapter/
 report() {
   "$PY" -c "import sys; from pathlib import Path; from peal_backend import simulate as s; o = Path(sys.argv[1]); \
 rows = s.read_results(o / 'results.csv'); s.plot_results(rows, o); (o / 'summary.md').write_text(s.summary_markdown(rows))" "$OUT"
+  # the report page quotes summary.md between its two marker comments
+  "$PY" -c "import re, sys; from pathlib import Path; page = Path(sys.argv[1]); summary = Path(sys.argv[2]).read_text(); text = page.read_text(); a = re.search(r'<!-- summary.md begins[^\n]*-->\n', text); b = text.index('<!-- summary.md ends -->'); page.write_text(text[:a.end()] + summary.rstrip() + '\n' + text[b:])" "$OUT.md" "$OUT/summary.md"
 }
 
 stages=("$@")
