@@ -547,7 +547,7 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint-dir", default="", help="also save the backbone that --out gets (teacher; student with --objective pixel) "
                          "here every --checkpoint-every steps, with its provenance")
     ap.add_argument("--checkpoint-every", type=int, default=200)
-    ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float32",
+    ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float16",
                     help="dtype the weights are stored in (float16: about 5 MB)")
     return ap.parse_args(argv)
 
