@@ -77,6 +77,12 @@ def load_backbone(name: str) -> nn.Module:
                         "or use PEAL_BACKBONE=peal-mini, the small backbone shipped with peal-backend)")
                 raise BackboneLoadError(f"cannot load DINOv2 backbone PEAL_BACKBONE={name!r}: {hint}. Cause: {exc}") from exc
             model.eval()
+            with torch.no_grad():
+                # from_pretrained leaves float32 weights memory-mapped from model.safetensors: copy them
+                # into this process, so that weights rewritten under a running server (a retrained
+                # peal-mini, a refreshed snapshot) cannot kill it with SIGBUS at the next load
+                for t in [*model.parameters(), *model.buffers()]:
+                    t.data = t.data.clone()
             for p in model.parameters():
                 p.requires_grad_(False)
             _cache[source] = model

@@ -50,6 +50,29 @@ def test_backbone_loads_through_from_pretrained_and_copies_are_independent(tiny_
     assert not torch.equal(a.layernorm.weight, b.layernorm.weight)
 
 
+def test_weights_rewritten_under_a_running_process_do_not_crash_it(tmp_path):
+    """A server keeps serving when the backbone folder's weights are rewritten in place (a retrained
+    peal-mini, a refreshed snapshot). Memory-mapped weights would die with SIGBUS; in a subprocess so
+    that a crash is a failed assertion, not a dead test run."""
+    code = textwrap.dedent(f"""
+        import os, torch
+        from tests.backbone_fixture import save_tiny_dinov2
+        from peal_backend.backbone import load_backbone
+        folder = save_tiny_dinov2({str(tmp_path / "m")!r})
+        first = load_backbone(folder)
+        with open(os.path.join(folder, "model.safetensors"), "r+b") as f:
+            f.truncate(0)  # the file is rewritten in place
+        again = load_backbone(folder)
+        with torch.no_grad():
+            out = again(pixel_values=torch.zeros(1, 3, 28, 28)).last_hidden_state
+        assert torch.isfinite(out).all() and torch.equal(first.layernorm.weight, again.layernorm.weight)
+        print("served")
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "served" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
 def test_backbone_load_errors_say_what_to_do(tmp_path):
     with pytest.raises(BackboneLoadError, match="neither a local folder nor a hub id.*peal-mini"):
         load_backbone(str(tmp_path / "no-such-model"))
