@@ -629,9 +629,7 @@ class RedisQueue:
             # execute_job leases the flag as its first act; a job RQ started more than a lease ago
             # whose flag still has no lease lost its worker in between (e.g. a SIGKILL right after
             # the pick-up), and RQ would call it "started" until the job timeout
-            started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
-            age = (datetime.now(timezone.utc) - started).total_seconds()
-            return age > self.lock_ttl
+            return (datetime.now(timezone.utc) - job.started_at).total_seconds() > self.lock_ttl  # RQ's dates are UTC-aware
         return False
 
     def status(self, project_id: int | None = None) -> dict:
