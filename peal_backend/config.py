@@ -71,10 +71,12 @@ class Settings:
     threshold: float = _env("PEAL_THRESHOLD", 0.5, "Multiple-choice configs: choices with probability above this are predicted.", float)
 
     # --- Training --------------------------------------------------------------------------------
-    epochs: int = _env("PEAL_EPOCHS", 10, "Epochs per training cycle.", int)
+    epochs: int = _env("PEAL_EPOCHS", 10, "Epochs of LoRA / prompt fine-tuning per training cycle (the linear head is solved, not trained in epochs).", int)
     min_steps: int = _env("PEAL_MIN_STEPS", 50, "At least this many optimiser steps per cycle, however few labels there are.", int)
     learning_rate: float = _env("PEAL_LR", 0.002, "SGD learning rate (momentum 0.9, weight decay 5e-4, cosine schedule).", float)
-    head_lr_multiplier: float = _env("PEAL_HEAD_LR_MULT", 10.0, "The linear head learns this many times faster than the adapter.", float)
+    head_c: float = _env("PEAL_HEAD_C", 1.0, "Inverse L2 strength of the linear head, a logistic regression on standardised features "
+                         "solved to convergence (scikit-learn's C).", float)
+    head_lr_multiplier: float = _env("PEAL_HEAD_LR_MULT", 10.0, "While LoRA or prompts are fine-tuned (after the head is fitted), the head learns this many times faster than the adapter.", float)
     calibration: bool = _env("PEAL_CALIBRATION", False, "Add C-PEAL's uncertainty-calibration loss to cross-entropy.", bool)
     calibration_weight: float = _env("PEAL_CALIBRATION_WEIGHT", 1.0, "Weight lambda of the calibration loss (annealed from 0 over the first epochs).", float)
     warm_start: bool = _env("PEAL_WARM_START", False, "Start each cycle from the last version instead of the pretrained weights.", bool)

@@ -74,8 +74,19 @@ def datasets_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle-boot"]
+
+
 def resolve_data(spec: str) -> Path:
-    """A path as given, else a name in the datasets folder (`retinamnist` -> DIR/retinamnist.npz)."""
+    """A path as given, else a name in the datasets folder (`retinamnist` -> DIR/retinamnist.npz);
+    `fashion-mnist` is Debian's package folder (IDX files)."""
+    if spec in ("fashion-mnist", "fashionmnist"):
+        if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+            raise SimulationError(f"--data {spec}: {FASHION_MNIST_DIR} has no IDX files; "
+                                  "install the Debian package dataset-fashion-mnist")
+        return FASHION_MNIST_DIR
     path = Path(spec)
     if path.exists():
         return path
@@ -91,7 +102,12 @@ def load_dataset(spec: str, limit_train: int = 0, limit_test: int = 0) -> Datase
     class (or `train/` and `test/` folders that each have them; otherwise a fixed 20 % per class is
     held out as test). `limit_*` keep a seeded random subset of that size (0 = everything)."""
     path = resolve_data(spec)
-    data = _load_npz(path) if path.is_file() else _load_folder(path)
+    if path.is_file():
+        data = _load_npz(path)
+    elif (path / "train-images-idx3-ubyte.gz").exists():
+        data = _load_idx(path)
+    else:
+        data = _load_folder(path)
     rng = np.random.default_rng(0)
     for split, limit in (("train", limit_train), ("test", limit_test)):
         labels = getattr(data, f"{split}_labels")
@@ -127,6 +143,29 @@ def _load_npz(path: Path) -> Dataset:
     n_classes = int(max(arrays["train_labels"].max(initial=0), arrays["test_labels"].max(initial=0))) + 1
     return Dataset(path.stem, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
                    arrays["test_labels"], [str(c) for c in range(n_classes)])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format: magic, dims as big-endian int32, then uint8 data), gzipped or not."""
+    import gzip
+
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise SimulationError(f"{path}: not a uint8 IDX file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise SimulationError(f"{path}: header says {dims}, file holds {data.size} values")
+    return data.reshape(dims)
+
+
+def _load_idx(path: Path) -> Dataset:
+    """Fashion-MNIST's four IDX files (train/t10k images and labels)."""
+    arrays = {split: (_read_idx(path / f"{prefix}-images-idx3-ubyte.gz"),
+                      _read_idx(path / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+              for split, prefix in (("train", "train"), ("test", "t10k"))}
+    return Dataset("fashion-mnist", *arrays["train"], *arrays["test"], list(FASHION_MNIST_CLASSES))
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -99,30 +99,120 @@ def _frozen_prefix(model: Classifier, pixels: torch.Tensor, batch_size: int) -> 
     return torch.cat(parts).clone()  # clone: inference tensors cannot enter autograd
 
 
-def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings: Settings, *,
-        multilabel: bool = False, progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train adapter + head on the labeled set. Deterministic for `settings.seed`.
+# --- the linear head: a logistic regression solved to convergence (pure) --------------------------------
+ABSENT_CLASS_BIAS = -20.0  # logit of a class no label names yet: probability ~1e-9, never predicted
 
+
+def fit_head(features: torch.Tensor, targets: torch.Tensor, n_classes: int, *, multilabel: bool = False,
+             c: float = 1.0, calibration_weight: float = 0.0, max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (C, D) and bias (C,) of a linear head fitted to convergence on `features`.
+
+    The recipe needs no per-project tuning: features are standardised with the labeled set's own mean
+    and standard deviation (a constant feature keeps scale 1), then an L2-regularised logistic
+    regression is solved with full-batch L-BFGS, with scikit-learn's objective
+    0.5 ||W||^2 + c * sum(loss) (bias not penalised), so `c=1` reads like `LogisticRegression()`.
+    The standardisation is folded back into the returned weights, which apply to raw features.
+    Single choice: softmax over the classes that have labels; a class with none gets zero weights and
+    ABSENT_CLASS_BIAS. Multiple choice: one binary logistic regression per class (sigmoid).
+    `calibration_weight` adds C-PEAL's calibration loss (single choice) to the objective.
+    """
+    x = features.detach().to(torch.float64).cpu()
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("no labeled features to fit the head on")
+    mu = x.mean(dim=0)
+    sd = x.std(dim=0, unbiased=False)
+    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+    z = (x - mu) / sd
+    y = targets.detach().cpu()
+    if multilabel:
+        present = torch.arange(n_classes)
+        y = y.to(torch.float64)
+    else:
+        present = torch.unique(y)
+        remap = torch.full((n_classes,), -1, dtype=torch.long)
+        remap[present] = torch.arange(len(present))
+        y = remap[y.long()]
+    k = len(present)
+    w = torch.zeros(k, d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    penalty = 1.0 / (c * n)  # sklearn's objective divided by c * n: mean loss + penalty/2 ||W||^2
+    if k > 1 or multilabel:
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+                                tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+        def objective():
+            opt.zero_grad()
+            logits = z @ w.T + b
+            if multilabel:
+                loss = F.binary_cross_entropy_with_logits(logits, y)
+            else:
+                loss = F.cross_entropy(logits, y)
+                if calibration_weight:
+                    loss = loss + calibration_weight * calibration_loss(logits, y)
+            loss = loss + 0.5 * penalty * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(objective)
+    weight = torch.zeros(n_classes, d, dtype=torch.float64)
+    bias = torch.full((n_classes,), ABSENT_CLASS_BIAS, dtype=torch.float64)
+    with torch.no_grad():
+        raw_w = w / sd
+        weight[present] = raw_w
+        bias[present] = b - raw_w @ mu
+    return weight.float(), bias.float()
+
+
+def frozen_features(model: Classifier, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The head's input features under the model as it is now (no gradient)."""
+    model.eval()
+    with torch.inference_mode():
+        parts = [model.features(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    return torch.cat(parts).clone() if parts else torch.zeros(0, model.feature_dim)
+
+
+def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings: Settings, *,
+        multilabel: bool = False, progress: Callable[[int, int, float], None] | None = None,
+        features: torch.Tensor | None = None) -> dict:
+    """Train the classifier on the labeled set: linear probe, then fine-tune (LP-FT). Deterministic.
+
+    1. The head is fitted to convergence on the current features (`fit_head`; `features` may be given
+       when the caller already has them, e.g. from the activation cache). For the linear adapter that
+       is the whole training.
+    2. LoRA and prompt tuning then fine-tune adapter and head together from that fitted head: SGD with
+       momentum and a cosine schedule as in the C-PEAL reference, `epochs` epochs and at least
+       `min_steps` steps, the head at `head_lr_multiplier` times the adapter's rate.
     `targets`: class ids (N,) for single choice, a multi-hot (N, C) float tensor for multiple choice.
-    SGD with momentum and a cosine schedule as in the C-PEAL reference; the head, which starts from
-    nothing every cycle, learns `head_lr_multiplier` times faster than the adapter.
     """
     started = time.perf_counter()
     device = settings.device
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     pixels, targets = pixels.to(device), targets.to(device)
-    n = len(pixels)
+    n = len(pixels) if features is None else len(features)
     if n == 0:
         raise ValueError("no labeled images to train on")
-    prefix = _frozen_prefix(model, pixels, settings.inference_batch_size)
-
+    if features is None:
+        features = frozen_features(model, pixels, settings.inference_batch_size)
+    calibration = settings.calibration_weight if settings.calibration and not multilabel else 0.0
+    weight, bias = fit_head(features, targets, model.head.out_features, multilabel=multilabel,
+                            c=settings.head_c, calibration_weight=calibration)
+    with torch.no_grad():
+        model.head.weight.copy_(weight.to(device))
+        model.head.bias.copy_(bias.to(device))
+    head_seconds = time.perf_counter() - started
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": head_params, "lr": settings.learning_rate * settings.head_lr_multiplier}]
-    if adapter_params:
-        groups.append({"params": adapter_params, "lr": settings.learning_rate})
+    if not adapter_params:  # linear probe: the fitted head is the model
+        model.eval()
+        return {"steps": 0, "n_labeled": n, "final_loss": _head_loss(model, features, targets, multilabel),
+                "head_seconds": round(head_seconds, 3), "train_seconds": round(time.perf_counter() - started, 3)}
+
+    prefix = _frozen_prefix(model, pixels, settings.inference_batch_size)
+    groups = [{"params": head_params, "lr": settings.learning_rate * settings.head_lr_multiplier},
+              {"params": adapter_params, "lr": settings.learning_rate}]
     opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=5e-4)
     bs = min(settings.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
@@ -159,7 +249,15 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
                 progress(step, total, losses[-1])
     model.eval()
     return {"steps": total, "n_labeled": n, "final_loss": float(np.mean(losses[-steps_per_epoch:])),
-            "train_seconds": round(time.perf_counter() - started, 3)}
+            "head_seconds": round(head_seconds, 3), "train_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _head_loss(model: Classifier, features: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> float:
+    with torch.inference_mode():
+        logits = model.head(features.to(model.head.weight.device, model.head.weight.dtype))
+        if multilabel:
+            return float(F.binary_cross_entropy_with_logits(logits, targets.float()))
+        return float(F.cross_entropy(logits, targets))
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

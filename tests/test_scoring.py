@@ -42,7 +42,9 @@ def test_cached_rescore_matches_full_forward_and_skips_the_backbone(tmp_path, ti
     # next cycle: the adapter and head change, the frozen part is reused from disk by a new process's cache
     fit(clf, pixels, labels, s)
     again = score_cached(clf, s, hashes, no_backbone, ActivationCache(cache.root))
-    np.testing.assert_allclose(again.probs, predict(clf, pixels, s).probs, atol=2e-3)
+    # the cache stores float16: a head fitted to convergence (large weights) turns its rounding into
+    # differences of a few 1e-3 in probability
+    np.testing.assert_allclose(again.probs, predict(clf, pixels, s).probs, atol=5e-3)
 
 
 def test_nothing_to_cache_for_prompts_or_lora_everywhere(tiny_backbone):
