@@ -32,6 +32,8 @@ STRATEGIES: tuple[str, ...] = (
     "random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust",
 )
 FEATDIST_SPACES = ("embeddings", "logits")
+# Strategies that need no classifier: they rank by the pool's geometry (the frozen backbone's embeddings)
+COVERAGE_STRATEGIES = ("typiclust", "probcover")
 
 # Batch strategies place this many picks at the head of `rank`'s queue (rest by entropy): several
 # cycles' worth at the default budget (one per class), while each pick costs a pass over the pool and

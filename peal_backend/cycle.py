@@ -1,137 +1,221 @@
-"""The training job run by the queue: Label Studio annotations in, a new model version and fresh
-predictions for the unlabeled pool out.
+"""One active-learning cycle: train on the labeled set, score the pool, rank it.
 
-Order matters for "nothing lost or half-written": the version (weights, labels, queue scores) is
-saved atomically first; only then are predictions pushed and the project's model_version moved to
-it. If the push fails the job fails, the new version still serves /predict, and the next run pushes
-again (Label Studio predictions are created idempotently per task and version).
+The backend's training job (`labelstudio_job.train_project`) and the offline simulator
+(`simulate.run_seed`) both call `run_cycle`, with the same images, the same activation cache and the
+same ranking, so every figure the simulator publishes measures the code users run. `served_next`
+models how Label Studio's uncertainty sampling serves that ranking between two retrains.
+
+A cycle has two phases:
+- cold (fewer than two classes labeled): no classifier is trained or shown; the pool is ordered by a
+  coverage strategy on the frozen backbone's embeddings, so the first tasks are representative ones;
+- trained: the classifier is fitted (`training.fit`) and the pool ranked by the strategy.
+`PEAL_STRATEGY=auto` picks the strategy from what is labeled (`auto_strategy`).
 """
 from __future__ import annotations
 
-import logging
-import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
-from .backbone import input_size, load_backbone
+from . import acquisition
+from .backbone import Classifier, build_classifier
 from .config import Settings
-from .engine import run_cycle
-from .images import ImageError, ImageFetcher, content_hash, preprocess
-from .labelstudio import LabelStudio
-from .model import (QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
-                    task_image_url, version_prefix)
-from .scoring import prefill_sharded
-from .store import ModelStore
-
-log = logging.getLogger(__name__)
+from .scoring import ActivationCache, cache_key, cacheable, score_cached
+from .training import Prediction, fit, predict
 
 
-def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int,
-               keep_images: bool = True):
-    """Images (and content hashes) of the tasks that can be fetched; a bad image skips its task, never
-    the batch. Without `keep_images` only the hashes are kept (a pool is re-read from the fetcher's
-    disk cache a chunk at a time, so its memory stays bounded)."""
-    kept, images, hashes, errors = [], [], [], 0
-    for task in tasks:
-        try:
-            data, image = fetcher.fetch_both(task_image_url(task, spec))
-        except (ImageError, PayloadError) as exc:
-            errors += 1
-            log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), exc)
-            continue
-        if keep_images:
-            images.append(image)
-        hashes.append(content_hash(data))
-        kept.append(task)
-    return kept, images, hashes, errors
+@dataclass
+class ImageSet:
+    """Images known by content hash, preprocessed on demand a chunk at a time (so a large pool is never
+    held as pixels, and images whose frozen activations are cached are not even preprocessed)."""
+    hashes: list[str]
+    pixels: Callable[[list[int]], torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @classmethod
+    def from_tensor(cls, hashes: list[str], pixels: torch.Tensor) -> "ImageSet":
+        return cls(list(hashes), lambda positions: pixels[positions])
 
 
-def labeled_examples(ls: LabelStudio, project: int, spec: LabelSpec):
-    """(task, label indices) for every task whose latest usable annotation names our choices."""
-    out, skipped = [], 0
-    for task, annotation in ls.labeled_tasks(project):
-        try:
-            labels = spec.labels_of(annotation.get("result") or [])
-        except PayloadError as exc:
-            skipped += 1
-            log.warning("project %s task %s: %s; annotation ignored", project, task.get("id"), exc)
-            continue
-        if not labels:
-            skipped += 1
-            continue
-        out.append((task, [spec.labels.index(lab) for lab in labels]))
-    return out, skipped
+@dataclass
+class CycleResult:
+    classifier: Classifier | None  # None in the cold phase
+    metrics: dict
+    pool: Prediction               # classifier outputs for the pool (uniform in the cold phase)
+    embeddings: np.ndarray         # (n_pool, D) frozen backbone features of the pool
+    order: np.ndarray              # pool positions (0..len(pool)-1), label-next first
+    queue_scores: np.ndarray       # (len(pool),) Label Studio scores in [0, 1], lowest = label next
+    clusters: np.ndarray           # (n_labeled + n_pool,) cluster ids, labeled first; empty if off
+    strategy: str                  # the strategy that ranked (what `auto` resolved to)
+
+    @property
+    def trained(self) -> bool:
+        return self.classifier is not None
+
+    @property
+    def pool_clusters(self) -> np.ndarray:
+        return self.clusters[len(self.clusters) - len(self.queue_scores):] if self.clusters.size else self.clusters
 
 
-def train_project(project_id: int, settings: Settings, reason: str = "") -> dict:
-    started = time.perf_counter()
-    project = int(project_id)
-    ls = LabelStudio.from_settings(settings)
-    fetcher = ImageFetcher(settings, ls.auth_headers)
-    store = ModelStore(settings.model_dir)
-    spec = parse_label_config(ls.project(project)["label_config"])
+# --- pure helpers ------------------------------------------------------------------------------------
 
-    examples, skipped = labeled_examples(ls, project, spec)
-    tasks, images, hashes, bad = _fetch_all(fetcher, [t for t, _ in examples], spec, "labeled", project)
-    if not images:
-        log.info("project %s: nothing to train on (%d annotations skipped, %d images failed)", project, skipped, bad)
-        return {"status": "skipped", "reason": "no usable annotations", "skipped_annotations": skipped,
-                "failed_images": bad}
-    label_of = {t["id"]: labs for t, labs in examples}
-    n_classes = len(spec.labels)
-    if spec.multiple:
-        targets = torch.zeros(len(tasks), n_classes)
-        for i, t in enumerate(tasks):
-            targets[i, label_of[t["id"]]] = 1.0
+def class_ids(targets: torch.Tensor) -> np.ndarray:
+    """Class id per labeled item (first chosen class for multiple choice) for the strategies."""
+    t = targets.cpu().numpy()
+    return t.argmax(axis=1) if t.ndim == 2 else t
+
+
+def can_train(targets: torch.Tensor, multiple: bool) -> bool:
+    """A classifier needs two classes to tell apart: two distinct labels (single choice), or a choice
+    that is present on some labeled items and absent on others (multiple choice)."""
+    if len(targets) == 0:
+        return False
+    t = targets.cpu()
+    if multiple:
+        on = t.sum(dim=0)
+        return bool(((on > 0) & (on < len(t))).any())
+    return len(torch.unique(t)) >= 2
+
+
+def auto_strategy(settings: Settings, labels: np.ndarray, n_classes: int, trained: bool) -> str:
+    """What `PEAL_STRATEGY=auto` runs now: coverage (`auto_coverage`) while labels are few, i.e. before
+    a classifier exists, while some class has no label, or while there are fewer than
+    `auto_switch_per_class` labels per class; uncertainty with diversity (`auto_uncertainty`) after."""
+    if settings.strategy != "auto":
+        # with no classifier, only a coverage strategy has anything to go on
+        return settings.strategy if trained or settings.strategy in acquisition.COVERAGE_STRATEGIES else "random"
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    if not trained or (counts == 0).any() or counts.sum() < settings.auto_switch_per_class * n_classes:
+        return settings.auto_coverage
+    return settings.auto_uncertainty
+
+
+def selection_seed(seed: int, n_labeled: int) -> int:
+    """A distinct seed for every labeled-set size, so a cycle never replays the last one's random draws,
+    and the same in the backend and the simulator."""
+    return int(np.random.SeedSequence([int(seed), int(n_labeled)]).generate_state(1)[0] % (2**31 - 1))
+
+
+def served_next(scores: np.ndarray, clusters: np.ndarray | None, solved: dict[int, int], n: int) -> np.ndarray:
+    """The n tasks Label Studio's uncertainty sampling serves one annotator, in order, from the pushed
+    scores (`projects/functions/next_task.py`, 1.23): tasks of the cluster this annotator has labeled
+    least come first, lowest score first within; each served task counts for its cluster. `solved`:
+    cluster -> tasks already labeled by the annotator (updated in place). Without clusters: by score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = min(int(n), scores.size)
+    if clusters is None or np.asarray(clusters).size == 0:
+        return np.argsort(scores, kind="stable")[:n]
+    clusters = np.asarray(clusters, dtype=np.int64)
+    by_cluster: dict[int, list[int]] = {}
+    for i in np.argsort(scores, kind="stable")[::-1]:  # pop() gives the lowest score
+        by_cluster.setdefault(int(clusters[i]), []).append(int(i))
+    out = []
+    while len(out) < n:
+        c = min((k for k, q in by_cluster.items() if q), key=lambda k: (solved.get(k, 0), scores[by_cluster[k][-1]]))
+        out.append(by_cluster[c].pop())
+        solved[c] = solved.get(c, 0) + 1
+    return np.asarray(out, dtype=np.int64)
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.6 MB per image)
+
+
+def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_dir: str | None, *,
+                 multilabel: bool = False) -> Prediction:
+    """The one inference path of a cycle: finished from the activation cache where the model has a frozen
+    prefix (and a cache folder is given), else a chunked forward."""
+    if cache_dir and settings.activation_cache and cacheable(clf):
+        size = images.pixels([0]).shape[-1] if len(images) else 0
+        cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, size))
+        return score_cached(clf, settings, images.hashes, images.pixels, cache, multilabel=multilabel)
+    n = len(images)
+    parts = [predict(clf, images.pixels(list(range(i, min(n, i + POOL_CHUNK)))), settings, multilabel=multilabel)
+             for i in range(0, n, POOL_CHUNK)]
+    if not parts:
+        return predict(clf, torch.zeros(0, 3, 1, 1), settings, multilabel=multilabel)
+    return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "logits", "embeddings")))
+
+
+def concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    n = len(a)
+
+    def pixels(positions: list[int]) -> torch.Tensor:
+        left, right = [p for p in positions if p < n], [p - n for p in positions if p >= n]
+        parts = ([a.pixels(left)] if left else []) + ([b.pixels(right)] if right else [])
+        return torch.cat(parts)
+    return ImageSet(a.hashes + b.hashes, pixels)
+
+
+def _uniform(n: int, n_classes: int, embeddings: np.ndarray) -> Prediction:
+    return Prediction(np.full((n, n_classes), 1.0 / n_classes, np.float32), np.zeros((n, n_classes), np.float32),
+                      embeddings)
+
+
+def _rows(pred: Prediction, idx) -> Prediction:
+    return Prediction(pred.probs[idx], pred.logits[idx], pred.embeddings[idx])
+
+
+# --- the cycle ----------------------------------------------------------------------------------------------
+
+def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool: ImageSet, n_classes: int, *,
+              multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
+              progress: Callable[[int, int, float], None] | None = None,
+              cache_dir: str | None = None) -> CycleResult:
+    """Train (or, with fewer than two classes labeled, don't), score the pool and rank it.
+
+    The frozen backbone's features of every image (from the activation cache when `cache_dir` is
+    given) serve the cold phase, coverage strategies and Label Studio's clusters; they do not change
+    between versions, so neither do the clusters."""
+    n_lab = len(labeled)
+    everything = concat(labeled, pool)
+    probe = build_classifier(settings.replace(adapter="linear"), n_classes)
+    frozen_pred = score_images(probe, settings, everything, cache_dir, multilabel=multiple)
+    frozen = frozen_pred.embeddings
+    trainable = can_train(targets, multiple)
+    labels = class_ids(targets) if n_lab else np.zeros(0, np.int64)
+    strategy = auto_strategy(settings, labels, n_classes, trainable)
+    metrics: dict = {"phase": "trained" if trainable else "cold", "strategy": strategy}
+
+    clf = None
+    if trainable:
+        clf = probe if settings.adapter == "linear" else build_classifier(settings, n_classes)
+        if init is not None:
+            clf.load_trainable(init)
+        if settings.adapter == "linear":  # the head is solved from scratch on the features already at hand
+            metrics.update(fit(clf, torch.zeros(0), targets, settings, multilabel=multiple,
+                               features=torch.from_numpy(frozen[:n_lab])))
+        else:
+            metrics.update(fit(clf, labeled.pixels(list(range(n_lab))), targets, settings, multilabel=multiple,
+                               progress=progress))
+        outputs = score_images(clf, settings, everything, cache_dir, multilabel=multiple)
     else:
-        targets = torch.tensor([label_of[t["id"]][0] for t in tasks])
+        outputs = _uniform(n_lab + len(pool), n_classes, frozen)
 
-    size = input_size(settings, load_backbone(settings.backbone).config)
-    pool_tasks, pool_hashes, pool_bad = [], [], 0
-    if settings.push_predictions:
-        pool_tasks, _, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec,
-                                                          "unlabeled", project, keep_images=False)
-
-    fetch_seconds = time.perf_counter() - started
-    sharding = None
-    if settings.redis_url and settings.activation_cache and pool_tasks:
-        urls = [fetcher.resolve(task_image_url(t, spec)) for t in pool_tasks]
-        sharding = prefill_sharded(settings, size, list(zip(pool_hashes, urls)), settings.activation_cache_dir)
-
-    init = None
-    latest = store.latest(project)
-    if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
-            and tuple(latest.meta.get("labels", ())) == spec.labels):
-        init = latest.weights()
-    result = run_cycle(settings, preprocess(images, size), targets,
-                       lambda positions: preprocess([fetcher.fetch(task_image_url(pool_tasks[i], spec))
-                                                     for i in positions], size), n_classes,
-                       n_pool=len(pool_tasks), multiple=spec.multiple, init=init, hashes=(hashes, pool_hashes),
-                       cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
-
-    queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
-    counts = result.classifier.parameter_counts()
-    meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
-            "strategy": settings.strategy, "balance": settings.balance, "calibration": settings.calibration,
-            "warm_started_from": latest.name if init is not None else None, "reason": reason,
-            "metrics": {**result.metrics, "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
-                        "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
-                        "pool_sharding": sharding},
-            "parameters": counts}
-    version = store.save(project, version_prefix(settings), result.classifier.trainable_state(), meta,
-                         files={QUEUE_FILE: queue}, keep=settings.keep_versions)
-    log.info("project %s: saved %s (%d labeled, %d in pool)", project, version.name, len(tasks), len(pool_tasks))
-
-    pushed = 0
-    if settings.push_predictions:
-        predictions = [{"task": t["id"], "result": choices_result(spec, result.pool.probs[i], settings.threshold),
-                        "score": float(result.queue_scores[i])} for i, t in enumerate(pool_tasks)]
-        pushed = ls.create_predictions(project, predictions, version.name)
-        if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
-            ls.set_model_version(project, version.name)
-        if settings.set_uncertainty_sampling:
-            ls.set_sampling(project, "Uncertainty sampling")
-    first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
-    return {"status": "trained", "model_version": version.name, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
-            "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
-            "trainable_parameters": counts["trainable"], "seconds": round(time.perf_counter() - started, 3)}
+    if len(pool) == 0:
+        empty = np.zeros(0, np.int64)
+        return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], empty, np.zeros(0),
+                           empty, strategy)
+    probs = outputs.probs
+    if multiple:  # strategies expect rows that sum to 1; sigmoid outputs are renormalised
+        probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
+    coverage = strategy in acquisition.COVERAGE_STRATEGIES
+    head = {}
+    if clf is not None and "head_weight" in acquisition.Pool.__dataclass_fields__:
+        head = {"head_weight": clf.head.weight.detach().float().cpu().numpy(),
+                "head_bias": clf.head.bias.detach().float().cpu().numpy()}
+    ap = acquisition.Pool(probs=probs, embeddings=frozen if coverage else outputs.embeddings, logits=outputs.logits,
+                          labeled=np.arange(n_lab), labels=labels, **head)
+    order = acquisition.rank(strategy, ap, seed=selection_seed(settings.seed, n_lab),
+                             balance=settings.balance and trainable, candidate_fraction=settings.candidate_fraction)
+    scores = acquisition.queue_scores(order, n_lab + len(pool))[n_lab:]
+    clusters = (acquisition.clusters(frozen, k=settings.clusters or None, seed=settings.seed)
+                if settings.clusters >= 0 and hasattr(acquisition, "clusters") else np.zeros(0, np.int64))
+    return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], order - n_lab, scores,
+                       clusters, strategy)

@@ -44,7 +44,7 @@ from .config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-TRAIN_JOB = "peal_backend.cycle.train_project"
+TRAIN_JOB = "peal_backend.labelstudio_job.train_project"
 LOCK_TTL = 30.0            # seconds a running/waiting lease lives without a heartbeat (setting PEAL_JOB_LOCK_TTL)
 JOB_TIMEOUT = 6 * 3600     # RQ kills a job after this many seconds (setting PEAL_JOB_TIMEOUT)
 MAX_ERROR_CHARS = 500

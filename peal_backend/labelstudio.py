@@ -311,5 +311,10 @@ def _validated(predictions: list[dict]) -> list[dict]:
             if not math.isfinite(score):
                 raise ValueError(f"predictions[{i}]['score']: must be finite, got {p['score']!r}")
             row["score"] = score
+        if p.get("cluster") is not None:  # Label Studio's uncertainty sampling spreads picks over clusters
+            cluster = p["cluster"]
+            if isinstance(cluster, bool) or not isinstance(cluster, int):
+                raise ValueError(f"predictions[{i}]['cluster']: expected an int, got {cluster!r}")
+            row["cluster"] = cluster
         rows.append(row)
     return rows

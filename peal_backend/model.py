@@ -24,6 +24,7 @@ from .training import Prediction, bf16_enabled, predict
 log = logging.getLogger(__name__)
 
 QUEUE_FILE = "queue.json"  # task id -> queue score, written with each version by the training cycle
+CLUSTERS_FILE = "clusters.json"  # task id -> Label Studio cluster, written beside it
 
 
 class LabelConfigError(ValueError):

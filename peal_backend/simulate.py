@@ -34,17 +34,31 @@ import numpy as np
 import torch
 
 from . import acquisition
-from .backbone import BackboneLoadError, Classifier, build_classifier, input_size, load_backbone
+from .backbone import BackboneLoadError, input_size, load_backbone
 from .config import Settings, SettingsError
-from .engine import acquisition_pool, class_ids
+from .cycle import ImageSet, run_cycle, score_images, served_next
 from .images import decode_image, preprocess, to_pil
-from .scoring import cacheable, frozen_activations, score_from_activations
-from .training import Prediction, fit, predict
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 COLUMNS = ("dataset", "config", "adapter", "strategy", "balance", "calibration", "warm_start", "seed", "cycle",
            "labels", "accuracy", "macro_f1", "ece", "unknown_ratio", "unknown_fraction",
-           "train_seconds", "select_seconds", "eval_seconds", "budget", "backbone", "lora_last_k")
+           "train_seconds", "select_seconds", "eval_seconds", "budget", "backbone", "lora_last_k", "phase_strategy",
+           "settings")
+# Settings that never change a simulated curve (where things live, how the server runs)
+_NOT_RESULTS = ("label_studio_url", "label_studio_api_key", "model_dir", "log_level", "port", "basic_auth_user",
+                "basic_auth_pass", "redis_url", "queue_name", "job_lock_ttl", "job_timeout", "cache_dir", "torch_threads",
+                "adapter", "strategy", "balance", "calibration", "seed", "retrain_every", "budget", "push_predictions",
+                "set_uncertainty_sampling", "keep_versions")
+
+
+def settings_key(settings: Settings) -> str:
+    """Short hash of every setting that can change a curve: rows of another configuration in the same
+    results.csv are never taken for this one's."""
+    import hashlib
+    import json
+
+    relevant = {k: v for k, v in sorted(settings.redacted().items()) if k not in _NOT_RESULTS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 class SimulationError(ValueError):
@@ -272,9 +286,9 @@ def parse_variants(adapters: str, strategies: str, balance: bool = False, calibr
             if not spec:
                 continue
             name, *tags = spec.split("+")
-            if name not in acquisition.STRATEGIES:
+            if name not in acquisition.STRATEGIES and name != "auto":
                 raise SimulationError(f"--strategy {spec!r}: unknown strategy {name!r}; expected one of "
-                                      f"{', '.join(acquisition.STRATEGIES)}, optionally with +cal and/or +bal")
+                                      f"auto, {', '.join(acquisition.STRATEGIES)}, optionally with +cal and/or +bal")
             if set(tags) - {"cal", "bal"}:
                 raise SimulationError(f"--strategy {spec!r}: unknown suffix; only +cal (calibration loss) and +bal (class balancing)")
             out.append(Variant(adapter, name, balance or "bal" in tags, calibration or "cal" in tags))
@@ -287,104 +301,91 @@ def parse_variants(adapters: str, strategies: str, balance: bool = False, calibr
 
 @dataclass
 class Prepared:
-    """A dataset made ready once per run: pixels, and the frozen backbone's activations once computed."""
+    """A dataset made ready once per run: pixels and content hashes of both splits, and the folder of
+    the activation cache the cycles share (as the backend's cache, keyed by content hash)."""
     data: Dataset
     train_pixels: torch.Tensor
     test_pixels: torch.Tensor
-    train_features: np.ndarray  # pretrained head inputs (linear probe): the cold start's embeddings
-    frozen: dict = field(default_factory=dict)  # (split, first adapted block) -> scoring.frozen_activations
+    train_hashes: list[str]
+    test_hashes: list[str]
+    cache_dir: str
 
-    def activations(self, clf: Classifier, split: str, settings: Settings) -> np.ndarray:
-        """What the backend's activation cache would hold for every image of the split: computed on
-        first use, then reused by every seed and cycle (those blocks are frozen)."""
-        key = (split, clf.first_adapted)
-        if key not in self.frozen:
-            self.frozen[key] = frozen_activations(clf, getattr(self, f"{split}_pixels"), scoring_settings(settings))
-        return self.frozen[key]
+    def images(self, split: str, idx: np.ndarray | None = None) -> ImageSet:
+        pixels, hashes = getattr(self, f"{split}_pixels"), getattr(self, f"{split}_hashes")
+        if idx is None:
+            return ImageSet.from_tensor(hashes, pixels)
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageSet([hashes[i] for i in idx], lambda positions: pixels[torch.from_numpy(idx[positions])])
 
 
-def prepare(data: Dataset, settings: Settings) -> Prepared:
+def image_hash(image) -> str:
+    """Content hash of a dataset image (its pixels and shape): the activation cache's key, as the fetched
+    bytes' hash is in the backend."""
+    import hashlib
+
+    arr = np.asarray(image)
+    return hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def prepare(data: Dataset, settings: Settings, cache_dir: str | Path) -> Prepared:
     size = input_size(settings, load_backbone(settings.backbone).config)
-    prep = Prepared(data, pixels_of(data.train_images, size), pixels_of(data.test_images, size), np.zeros(0))
-    probe = build_classifier(settings.replace(adapter="linear"), data.n_classes)
-    prep.train_features = prep.activations(probe, "train", settings)
-    return prep
-
-
-def scores(clf: Classifier, prep: Prepared, split: str, settings: Settings) -> Prediction:
-    """`predict` on the train pool or the test split. As in the backend's scoring.py, a model with a
-    frozen prefix (linear probe, LoRA on the last K blocks) is finished from cached activations."""
-    if settings.activation_cache and cacheable(clf):
-        return score_from_activations(clf, prep.activations(clf, split, settings), scoring_settings(settings))
-    return predict(clf, getattr(prep, f"{split}_pixels"), scoring_settings(settings))
-
-
-def scoring_settings(settings: Settings) -> Settings:
-    """Inference in batches of at least 128: 1.5x the throughput of 32 on the 2-core CPU, same numbers
-    (the batch size only changes training, which keeps the configured one)."""
-    return settings.replace(batch_size=max(settings.batch_size, 128))
+    return Prepared(data, pixels_of(data.train_images, size), pixels_of(data.test_images, size),
+                    [image_hash(im) for im in data.train_images], [image_hash(im) for im in data.test_images],
+                    str(cache_dir))
 
 
 def cycle_seed(seed: int, step: int) -> int:
-    """A distinct selection seed for every (seed, step) (step 0: cold start, c + 1: after cycle c), so
-    random picks are not replayed each cycle."""
+    """A distinct seed for every (seed, step), for anything the simulator draws itself."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-def cold_start(prep: Prepared, budget: int, seed: int, method: str = "typiclust") -> np.ndarray:
-    """The first `budget` train indices, chosen with no label: TypiClust on the pretrained features
-    (or random). The same for every configuration of a seed."""
-    n = prep.train_features.shape[0]
-    pool = acquisition.Pool(probs=np.full((n, prep.data.n_classes), 1.0 / prep.data.n_classes),
-                            embeddings=prep.train_features)
-    return acquisition.select(method, pool, min(budget, n), seed=cycle_seed(seed, 0))
-
-
-def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int,
-             cold: str = "typiclust") -> Iterator[dict]:
-    """One configuration and seed: yields a result row after each cycle."""
+def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int) -> Iterator[dict]:
+    """One configuration and seed, as a Label Studio project would go: no label at first; each cycle
+    `cycle.run_cycle` (what the backend's training job runs) orders the pool, then the annotator labels
+    the `budget` tasks Label Studio would serve from that order (`cycle.served_next`, clusters
+    included) before the next retrain. Yields a result row after each cycle that trained a classifier
+    (evaluated on the test split); the cold cycles before two classes are labeled only pick."""
     data = prep.data
     s = settings.replace(adapter=variant.adapter, strategy=variant.strategy, balance=variant.balance,
-                         calibration=variant.calibration, seed=seed, budget=budget)
-    labeled = cold_start(prep, budget, seed, cold)
-    init = None
-    for cycle in range(cycles):
+                         calibration=variant.calibration, seed=seed, retrain_every=budget)
+    n_train = len(data.train_labels)
+    labeled = np.zeros(0, dtype=np.int64)
+    solved: dict[int, int] = {}  # cluster -> tasks the annotator labeled in it, as Label Studio counts
+    init, done = None, 0
+    while done < cycles:
         t0 = time.perf_counter()
-        clf = build_classifier(s, data.n_classes)
-        if init is not None:
-            clf.load_trainable(init)
+        unlabeled = np.setdiff1d(np.arange(n_train), labeled)
         targets = torch.from_numpy(data.train_labels[labeled])
-        fit(clf, prep.train_pixels[torch.from_numpy(labeled)], targets, s)
+        result = run_cycle(s, prep.images("train", labeled), targets, prep.images("train", unlabeled),
+                           data.n_classes, init=init, cache_dir=prep.cache_dir)
         t1 = time.perf_counter()
-        metrics = test_metrics(scores(clf, prep, "test", s).probs, data.test_labels, data.n_classes)
+        row = None
+        if result.trained:
+            probs = score_images(result.classifier, s, prep.images("test"), prep.cache_dir).probs
+            row = {"cycle": done, "labels": int(labeled.size), **test_metrics(probs, data.test_labels, data.n_classes),
+                   "unknown_ratio": "", "unknown_fraction": "", "phase_strategy": result.strategy}
+            done += 1
         t2 = time.perf_counter()
-        row = {"cycle": cycle, "labels": int(labeled.size), **metrics, "unknown_ratio": "", "unknown_fraction": ""}
-        unlabeled = np.setdiff1d(np.arange(len(data.train_labels)), labeled)
-        if cycle < cycles - 1 and unlabeled.size:  # the last model's picks would never be used
-            scored = scores(clf, prep, "train", s)
-            pool = acquisition_pool(_rows(scored, labeled), _rows(scored, unlabeled), class_ids(targets))
-            picks = acquisition.select(s.strategy, pool, budget, seed=cycle_seed(seed, cycle + 1), balance=s.balance,
-                                       candidate_fraction=s.candidate_fraction)
-            chosen = unlabeled[picks - labeled.size]
-            known = acquisition.unknown_ratio(chosen, scored.probs, data.train_labels)
-            row.update(unknown_ratio=known["ratio"], unknown_fraction=known["fraction"])
+        if (row is None or done < cycles) and unlabeled.size:  # the last model's picks would never be used
+            served = served_next(result.queue_scores, result.pool_clusters if s.clusters >= 0 else None, solved,
+                                 budget)
+            chosen = unlabeled[served]
+            if row is not None:
+                known = acquisition.unknown_ratio(served, result.pool.probs, data.train_labels[unlabeled])
+                row.update(unknown_ratio=known["ratio"], unknown_fraction=known["fraction"])
             labeled = np.concatenate([labeled, chosen])
         t3 = time.perf_counter()
-        if s.warm_start:
-            init = clf.trainable_state()
-        row.update(train_seconds=t1 - t0, eval_seconds=t2 - t1, select_seconds=t3 - t2)
-        yield row
+        if s.warm_start and result.trained:
+            init = result.classifier.trainable_state()
+        if row is not None:
+            row.update(train_seconds=t1 - t0, eval_seconds=t2 - t1, select_seconds=t3 - t2)
+            yield row
         if not unlabeled.size:
             break
 
 
-def _rows(pred: Prediction, idx: np.ndarray) -> Prediction:
-    return Prediction(pred.probs[idx], pred.logits[idx], pred.embeddings[idx])
-
-
 def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], seeds: Sequence[int], cycles: int,
-             budget: int = 0, out_dir: str | Path = "runs/simulate", cold: str = "typiclust",
-             progress: bool = True) -> Path:
+             budget: int = 0, out_dir: str | Path = "runs/simulate", progress: bool = True) -> Path:
     """Run every (variant, seed) not already complete in `out_dir/results.csv`, appending rows as each
     finishes; then redraw the plots and the summary. Returns the CSV's path."""
     from tqdm import tqdm
@@ -396,7 +397,8 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_results(csv_path)
-    common = {"dataset": data.name, "warm_start": settings.warm_start, "budget": budget, "backbone": settings.backbone}
+    common = {"dataset": data.name, "warm_start": settings.warm_start, "budget": budget, "backbone": settings.backbone,
+              "settings": settings_key(settings)}
 
     def describe(v: Variant, seed: int) -> dict:
         return {**common, "config": v.name, "adapter": v.adapter, "strategy": v.strategy, "balance": v.balance,
@@ -409,11 +411,11 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
     todo = [(v, seed) for seed in seeds for v in variants
             if done.get(run_key(describe(v, seed)), 0) < min(cycles, math.ceil(len(data.train_labels) / budget))]
     if todo:
-        prep = prepare(data, settings)
+        prep = prepare(data, settings, out / "activations")
         bar = tqdm(total=len(todo) * cycles, disable=not progress, desc=data.name, unit="cycle", dynamic_ncols=True)
         for v, seed in todo:
             new = []
-            for r in run_seed(prep, settings, v, seed, cycles, budget, cold):
+            for r in run_seed(prep, settings, v, seed, cycles, budget):
                 new.append({**describe(v, seed), **r})
                 bar.set_postfix_str(f"{v.name} seed {seed} labels {r['labels']} acc {r['accuracy']:.3f}")
                 bar.update(1)
@@ -429,7 +431,7 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
 
 def run_key(row: dict) -> tuple:
     """What makes two runs the same run."""
-    return tuple(str(row[k]) for k in ("dataset", "config", "warm_start", "budget", "backbone", "lora_last_k", "seed"))
+    return tuple(str(row[k]) for k in ("dataset", "config", "warm_start", "budget", "backbone", "lora_last_k", "settings", "seed"))
 
 
 def save_run(csv_path: Path, new: list[dict]) -> None:
@@ -586,7 +588,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cycles", type=int, default=10, help="training cycles per run (default 10)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     p.add_argument("--first-seed", type=int, default=0, help="start the seeds here (default 0)")
-    p.add_argument("--cold-start", default="typiclust", choices=("typiclust", "random"))
     p.add_argument("--limit-train", type=int, default=0, help="use a seeded random N of the training pool")
     p.add_argument("--limit-test", type=int, default=0, help="use a seeded random N of the test split")
     p.add_argument("--out", required=True, help="output folder: results.csv, accuracy_<dataset>.png, summary.md")
@@ -609,7 +610,7 @@ def command(args, settings: Settings) -> None:
         data = load_dataset(args.data, args.limit_train, args.limit_test)
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         torch.set_num_threads(args.threads)  # only once the input is known good: this is process-wide
-        path = simulate(data, settings, variants, seeds, args.cycles, args.budget, args.out, args.cold_start,
+        path = simulate(data, settings, variants, seeds, args.cycles, args.budget, args.out,
                         progress=not args.quiet)
     except (SimulationError, SettingsError, BackboneLoadError) as exc:
         sys.exit(f"peal-backend simulate: {exc}")

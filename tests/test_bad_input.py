@@ -403,7 +403,7 @@ def ls_settings(settings, label_studio, served, tmp_path):
 
 @pytest.mark.labelstudio
 def test_training_skips_bad_annotations_and_deleted_tasks(label_studio, served, settings, tmp_path):
-    from peal_backend.cycle import train_project
+    from peal_backend.labelstudio_job import train_project
 
     pid, t = ls_project(label_studio, served, 10)
     sdk = label_studio.client
@@ -431,7 +431,7 @@ def test_training_skips_bad_annotations_and_deleted_tasks(label_studio, served, 
 
 @pytest.mark.labelstudio
 def test_single_class_so_far_trains_without_crashing(label_studio, served, settings, tmp_path):
-    from peal_backend.cycle import train_project
+    from peal_backend.labelstudio_job import train_project
 
     pid, t = ls_project(label_studio, served, 5)
     for tid in t[:3]:
@@ -449,7 +449,7 @@ def test_single_class_so_far_trains_without_crashing(label_studio, served, setti
 
 @pytest.mark.labelstudio
 def test_project_with_no_usable_annotations_is_skipped_not_failed(label_studio, served, settings, tmp_path):
-    from peal_backend.cycle import train_project
+    from peal_backend.labelstudio_job import train_project
 
     pid, t = ls_project(label_studio, served, 3)
     label_studio.client.annotations.create(id=t[0], result=_choice("covid"))

@@ -382,7 +382,7 @@ def served_versions(settings: Settings, project: int, tasks: list[dict]) -> list
 def test_worker_killed_mid_training_previous_version_serves_and_the_retry_runs_once(
         label_studio, served, tmp_path, tiny_backbone, workers):
     import redis
-    from peal_backend.cycle import train_project
+    from peal_backend.labelstudio_job import train_project
 
     try:
         redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=1).ping()
@@ -452,7 +452,7 @@ def restart_label_studio(server) -> None:
 
 @pytest.mark.labelstudio
 def test_label_studio_down_while_pushing_predictions(label_studio, served, tmp_path, tiny_backbone):
-    from peal_backend.cycle import train_project
+    from peal_backend.labelstudio_job import train_project
     from peal_backend.labelstudio import LabelStudioError
 
     pid, ids = ls_project(label_studio, served, 4, 3, gate_last=True)

@@ -1,0 +1,154 @@
+"""The training job run by the queue: Label Studio annotations in, a new model version and fresh
+predictions for the unlabeled pool out.
+
+Order matters for "nothing lost or half-written": the version (weights, labels, queue scores) is
+saved atomically first; only then are predictions pushed and the project's model_version moved to
+it. If the push fails the job fails, the new version still serves /predict, and the next run pushes
+again (Label Studio predictions are created idempotently per task and version).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .backbone import input_size, load_backbone
+from .config import Settings
+from .cycle import ImageSet, run_cycle
+from .images import ImageError, ImageFetcher, content_hash, preprocess
+from .labelstudio import LabelStudio
+from .model import (CLUSTERS_FILE, QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
+                    task_image_url, version_prefix)
+from .scoring import prefill_sharded
+from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int,
+               keep_images: bool = True):
+    """Images (and content hashes) of the tasks that can be fetched; a bad image skips its task, never
+    the batch. Without `keep_images` only the hashes are kept (a pool is re-read from the fetcher's
+    disk cache a chunk at a time, so its memory stays bounded)."""
+    kept, images, hashes, errors = [], [], [], 0
+    for task in tasks:
+        try:
+            data, image = fetcher.fetch_both(task_image_url(task, spec))
+        except (ImageError, PayloadError) as exc:
+            errors += 1
+            log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), exc)
+            continue
+        if keep_images:
+            images.append(image)
+        hashes.append(content_hash(data))
+        kept.append(task)
+    return kept, images, hashes, errors
+
+
+def labeled_examples(ls: LabelStudio, project: int, spec: LabelSpec):
+    """(task, label indices) for every task whose latest usable annotation names our choices."""
+    out, skipped = [], 0
+    for task, annotation in ls.labeled_tasks(project):
+        try:
+            labels = spec.labels_of(annotation.get("result") or [])
+        except PayloadError as exc:
+            skipped += 1
+            log.warning("project %s task %s: %s; annotation ignored", project, task.get("id"), exc)
+            continue
+        if not labels:
+            skipped += 1
+            continue
+        out.append((task, [spec.labels.index(lab) for lab in labels]))
+    return out, skipped
+
+
+COLD_START_PREFIX = "peal-coldstart"  # versions that only order the queue: no classifier yet
+
+
+def train_project(project_id: int, settings: Settings, reason: str = "") -> dict:
+    """One cycle for a Label Studio project. With fewer than two classes labeled (a project just
+    connected, or one label so far) it only orders the queue (a `peal-coldstart-vN` version whose
+    predictions carry an empty result); after that it trains a classifier."""
+    started = time.perf_counter()
+    project = int(project_id)
+    ls = LabelStudio.from_settings(settings)
+    fetcher = ImageFetcher(settings, ls.auth_headers)
+    store = ModelStore(settings.model_dir)
+    spec = parse_label_config(ls.project(project)["label_config"])
+
+    examples, skipped = labeled_examples(ls, project, spec)
+    tasks, images, hashes, bad = _fetch_all(fetcher, [t for t, _ in examples], spec, "labeled", project)
+    label_of = {t["id"]: labs for t, labs in examples}
+    n_classes = len(spec.labels)
+    if spec.multiple:
+        targets = torch.zeros(len(tasks), n_classes)
+        for i, t in enumerate(tasks):
+            targets[i, label_of[t["id"]]] = 1.0
+    else:
+        targets = torch.tensor([label_of[t["id"]][0] for t in tasks], dtype=torch.long)
+
+    size = input_size(settings, load_backbone(settings.backbone).config)
+    pool_tasks, _, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec,
+                                                      "unlabeled", project, keep_images=False)
+    if not tasks and not pool_tasks:
+        log.info("project %s: no task with a usable image (%d annotations skipped, %d images failed)",
+                 project, skipped, bad + pool_bad)
+        return {"status": "skipped", "reason": "no task with a usable image", "skipped_annotations": skipped,
+                "failed_images": bad + pool_bad}
+
+    fetch_seconds = time.perf_counter() - started
+    sharding = None
+    if settings.redis_url and settings.activation_cache and pool_tasks:
+        urls = [fetcher.resolve(task_image_url(t, spec)) for t in pool_tasks]
+        sharding = prefill_sharded(settings, size, list(zip(pool_hashes, urls)), settings.activation_cache_dir)
+
+    init = None
+    latest = store.latest(project)
+    if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
+            and tuple(latest.meta.get("labels", ())) == spec.labels and latest.meta.get("trained", True)):
+        init = latest.weights()
+    labeled = ImageSet.from_tensor(hashes, preprocess(images, size) if images else torch.zeros(0, 3, size, size))
+    pool = ImageSet(pool_hashes, lambda positions: preprocess(
+        [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size))
+    result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
+                       cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
+
+    clusters = result.pool_clusters
+    queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
+    state = result.classifier.trainable_state() if result.trained else {}
+    counts = result.classifier.parameter_counts() if result.trained else {"trainable": 0}
+    meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
+            "trained": result.trained, "strategy": result.strategy, "strategy_setting": settings.strategy,
+            "balance": settings.balance, "calibration": settings.calibration,
+            "warm_started_from": latest.name if init is not None else None, "reason": reason,
+            "metrics": {**result.metrics, "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
+                        "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
+                        "pool_sharding": sharding},
+            "parameters": counts}
+    prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
+    version = store.save(project, prefix, state, meta,
+                         files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)}},
+                         keep=settings.keep_versions)
+    log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
+             "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)
+
+    pushed = 0
+    if settings.push_predictions:
+        predictions = []
+        for i, t in enumerate(pool_tasks):
+            p = {"task": t["id"], "score": float(result.queue_scores[i]),
+                 "result": choices_result(spec, result.pool.probs[i], settings.threshold) if result.trained else []}
+            if clusters.size:
+                p["cluster"] = int(clusters[i])
+            predictions.append(p)
+        pushed = ls.create_predictions(project, predictions, version.name)
+        if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
+            ls.set_model_version(project, version.name)
+        if settings.set_uncertainty_sampling:
+            ls.set_sampling(project, "Uncertainty sampling")
+    first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
+    return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
+            "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
+            "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
+            "trainable_parameters": counts["trainable"], "seconds": round(time.perf_counter() - started, 3)}
