@@ -84,6 +84,8 @@ class Settings:
     retrain_every: int = _env("PEAL_RETRAIN_EVERY", 1, "Retrain after this many new or changed annotations (START_TRAINING always retrains).", int)
     keep_versions: int = _env("PEAL_KEEP_VERSIONS", 5, "Model versions kept per project; older ones are pruned.", int)
     push_predictions: bool = _env("PEAL_PUSH_PREDICTIONS", True, "After training, score the unlabeled pool and push predictions to Label Studio.", bool)
+    cold_start: bool = _env("PEAL_COLD_START", True, "When a project is connected (/setup) with no version yet, order its queue at once, "
+                            "before any label (needs LABEL_STUDIO_API_KEY).", bool)
     set_uncertainty_sampling: bool = _env("PEAL_SET_UNCERTAINTY_SAMPLING", False, "After training, set the project's sampling to \"Uncertainty sampling\".", bool)
 
     # --- Acquisition -----------------------------------------------------------------------------

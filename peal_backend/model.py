@@ -175,7 +175,7 @@ class PealModel:
 
     def current(self, project: int) -> LoadedModel | None:
         latest = self.store.latest(project)
-        if latest is None:
+        if latest is None or not latest.meta.get("trained", True):
             return None
         with self._lock:
             cached = self._loaded.get(project)
@@ -203,6 +203,10 @@ class PealModel:
         spec = parse_label_config(label_config)
         loaded = self.current(project)
         if loaded is None:
+            latest = self.store.latest(project)
+            if latest is not None:  # a queue order without a classifier (fewer than two classes labeled)
+                queue = self.store.read_json(latest, QUEUE_FILE, {}) or {}
+                return [{"result": [], "score": queue.get(str(_task_id(t))), "model_version": latest.name} for t in tasks]
             log.info("project %s: no trained model yet, returning no predictions for %d task(s)", project, len(tasks))
             return [{"result": [], "score": None, "model_version": self.model_version(project)} for _ in tasks]
         if loaded.spec_labels != spec.labels:

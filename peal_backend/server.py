@@ -27,6 +27,9 @@ from .model import LabelConfigError, PayloadError, PealModel, project_id
 log = logging.getLogger(__name__)
 
 TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"}
+# Events after which the queue is re-ordered at once (new tasks must be placed in it), whatever
+# PEAL_RETRAIN_EVERY says
+ORDER_EVENTS = {"TASKS_CREATED"}
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -172,8 +175,14 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     def setup():
         data = body()
         pid = project_id(data.get("project"))
-        version = get_model().setup(pid, data.get("schema") or data.get("label_config"))
+        model = get_model()
+        version = model.setup(pid, data.get("schema") or data.get("label_config"))
         stats.count("setup")
+        if settings.cold_start and settings.label_studio_api_key and model.store.latest(pid) is None:
+            # a project just connected: order its queue now (no label needed), so that Label Studio
+            # serves representative tasks first instead of random ones
+            get_queue().request_training(pid, "connected")
+            stats.count("cold_start_requests")
         return jsonify(model_version=version)
 
     @app.post("/predict")
@@ -203,12 +212,12 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         action = data.get("action")
         if not isinstance(action, str):  # a list or object here made the set lookup raise TypeError (500)
             raise PayloadError(f"'action' must be a string such as \"ANNOTATION_CREATED\", got {type(action).__name__}")
-        if action not in TRAINING_EVENTS and action != "START_TRAINING":
+        if action not in TRAINING_EVENTS | ORDER_EVENTS and action != "START_TRAINING":
             return jsonify(status="Unknown event", action=action), 200
         pid = project_id(data.get("project"))
         queue = get_queue()
-        if action == "START_TRAINING":
-            outcome = queue.request_training(pid, "START_TRAINING")
+        if action == "START_TRAINING" or action in ORDER_EVENTS:
+            outcome = queue.request_training(pid, action)
         else:
             outcome = {"queued": queue.note_annotation(pid)}
         stats.count(f"webhook_{action}")
