@@ -204,9 +204,10 @@ def featdist_scores(features: np.ndarray, predicted: np.ndarray, labeled: np.nda
     return np.sqrt(np.maximum(dist, 0.0)), known_class[predicted]
 
 
-def featdist_priority(distance: np.ndarray, known: np.ndarray, unknown_first: bool = True) -> np.ndarray:
+def featdist_priority(distance: np.ndarray, known: np.ndarray, unknown_first: bool = False) -> np.ndarray:
     """One number per item, higher = label first: far from its class mean first; items of a predicted
-    class with no labeled sample all come before (unknown_first) or after every known-class item."""
+    class with no labeled sample all come after (the default, as in the C-PEAL reference code) or,
+    with unknown_first, before every known-class item."""
     shift = float(distance.max(initial=0.0)) + 1.0
     unknown = ~np.asarray(known, dtype=bool)
     return distance + shift * (unknown if unknown_first else ~unknown)
@@ -445,7 +446,7 @@ def _features(pool: Pool, space: str) -> np.ndarray:
     return feats
 
 
-def _featdist(pool: Pool, rng, *, featdist_space: str = "embeddings", unknown_first: bool = True, **_):
+def _featdist(pool: Pool, rng, *, featdist_space: str = "embeddings", unknown_first: bool = False, **_):
     dist, known = featdist_scores(_features(pool, featdist_space), pool.predicted, pool.labeled,
                                   pool.labels, pool.n_classes)
     u = pool.unlabeled
@@ -557,14 +558,14 @@ def _check_n(n) -> int:
 
 def select(strategy: str, pool: Pool, n: int, seed: int = 0, *, balance: bool = False,
            candidate_fraction: float = 0.1, featdist_space: str = "embeddings",
-           unknown_first: bool = True) -> np.ndarray:
+           unknown_first: bool = False) -> np.ndarray:
     """The strategy's n picks, in priority order (first = label first); indices into N, never labeled.
 
     Returns the whole unlabeled pool when n exceeds it. With `balance`, `class_balance` chooses the n
     among the strategy's top `candidate_fraction` (a batch strategy ranks
     max(n, min(candidates, RANK_HEAD)) of them itself, entropy the rest).
     featdist_space: "embeddings" or "logits". unknown_first: Featdist puts items predicted as a class
-    with no labeled sample first (True) or last (False).
+    with no labeled sample last (False, the C-PEAL reference) or first (True).
     """
     strat = _strategy(strategy, pool)
     n = min(_check_n(n), pool.unlabeled.size)
@@ -580,7 +581,7 @@ def select(strategy: str, pool: Pool, n: int, seed: int = 0, *, balance: bool = 
 
 
 def rank(strategy: str, pool: Pool, seed: int = 0, *, balance: bool = False, candidate_fraction: float = 0.1,
-         featdist_space: str = "embeddings", unknown_first: bool = True, head: int = RANK_HEAD) -> np.ndarray:
+         featdist_space: str = "embeddings", unknown_first: bool = False, head: int = RANK_HEAD) -> np.ndarray:
     """Every unlabeled index, in the order the strategy would have them labeled (the whole queue).
 
     Score strategies sort the whole pool. Batch strategies (coreset, badge, typiclust) put their picks

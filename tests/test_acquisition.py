@@ -143,6 +143,9 @@ def test_featdist_unknown_classes_first_or_last_on_request():
     pool = Pool(probs, emb, labeled=np.array([0]), labels=np.array([0]))
     np.testing.assert_array_equal(rank("featdist", pool, unknown_first=True), [3, 2, 1])
     np.testing.assert_array_equal(rank("featdist", pool, unknown_first=False), [2, 1, 3])
+    # the default follows the C-PEAL reference: a class nobody has labeled yet goes last
+    np.testing.assert_array_equal(rank("featdist", pool), [2, 1, 3])
+    np.testing.assert_array_equal(select("featdist", pool, 1), [2])
 
 
 def test_featdist_on_logits():
