@@ -8,7 +8,8 @@ embeddings and logits, labeled indices and their labels) and returns pool indice
 - Batch strategies (`coreset`, `badge`, `typiclust`) build a batch pick by pick; the order is the
   order of the picks.
 
-`select` returns a strategy's n picks, `rank` the whole queue, `queue_scores` turns an order into the
+`rank` returns the whole queue and `select` its first n (literally `rank(...)[:n]`: one ranking
+path), `queue_scores` turns an order into the
 `score` Label Studio sorts by (lowest first), and `class_balance` is the PEAL / C-PEAL wrapper that
 works on top of any strategy's order. The maths lives in small pure functions (`entropy`, `margin`,
 `least_confidence`, `featdist_scores`, `kcenter_greedy`, `badge_embeddings`, `kmeans_pp`, `badge`,
@@ -489,7 +490,8 @@ def _strategy(name: str, pool: Pool) -> Strategy:
 
 
 def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    # separate streams for the strategy and the balancing, so select(n) is a prefix of rank
+    # separate streams for the strategy and the balancing, so the strategy's order does not depend on
+    # whether the balancing runs
     a, b = np.random.SeedSequence(int(seed)).spawn(2)
     return np.random.default_rng(a), np.random.default_rng(b)
 
@@ -556,28 +558,20 @@ def _check_n(n) -> int:
     return int(n)
 
 
-def select(strategy: str, pool: Pool, n: int, seed: int = 0, *, balance: bool = False,
-           candidate_fraction: float = 0.1, featdist_space: str = "embeddings",
-           unknown_first: bool = False) -> np.ndarray:
-    """The strategy's n picks, in priority order (first = label first); indices into N, never labeled.
-
-    Returns the whole unlabeled pool when n exceeds it. With `balance`, `class_balance` chooses the n
-    among the strategy's top `candidate_fraction` (a batch strategy ranks
-    max(n, min(candidates, RANK_HEAD)) of them itself, entropy the rest).
-    featdist_space: "embeddings" or "logits". unknown_first: Featdist puts items predicted as a class
-    with no labeled sample last (False, the C-PEAL reference) or first (True).
-    """
+def _queue(strategy: str, pool: Pool, seed: int, balance: bool, candidate_fraction: float, options: dict,
+           head: int, stop: int | None = None) -> np.ndarray:
+    """The one ranking path behind `rank` and `select`. With `stop`, class balancing stops after that
+    many picks: its picks are made one after another from one random stream, so the first `stop` are
+    the same either way, and `select` need not balance the whole candidate set."""
     strat = _strategy(strategy, pool)
-    n = min(_check_n(n), pool.unlabeled.size)
-    options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
     rng, balance_rng = _rngs(seed)
+    order = _ordering(strat, pool, head, rng, options)
     if not balance:
-        if strat.kind == "batch":
-            return strat.fn(pool, n, rng)
-        return _ordering(strat, pool, n, rng, options)[:n]
-    n_cand = _candidate_count(n, pool.unlabeled.size, candidate_fraction)
-    order = _ordering(strat, pool, max(n, min(n_cand, RANK_HEAD)), rng, options)
-    return class_balance(order, pool.predicted, pool.labels, pool.n_classes, n, candidate_fraction, balance_rng)
+        return order
+    n_cand = _candidate_count(0, order.size, candidate_fraction)
+    n_balanced = n_cand if stop is None else min(stop, n_cand)
+    top = class_balance(order[:n_cand], pool.predicted, pool.labels, pool.n_classes, n_balanced, 1.0, balance_rng)
+    return np.concatenate([top, order[n_balanced:][~np.isin(order[n_balanced:], top)]]).astype(np.int64)
 
 
 def rank(strategy: str, pool: Pool, seed: int = 0, *, balance: bool = False, candidate_fraction: float = 0.1,
@@ -586,21 +580,29 @@ def rank(strategy: str, pool: Pool, seed: int = 0, *, balance: bool = False, can
 
     Score strategies sort the whole pool. Batch strategies (coreset, badge, typiclust) put their picks
     for a batch of `head` items first (default RANK_HEAD; the whole pool if smaller), then the rest by
-    entropy: their greedy loops cost a pass over the pool per pick, and the head is all annotators reach
-    before the next retrain. With `balance`, the top `candidate_fraction` is reordered by
-    `class_balance` and the rest follows in strategy order. For score strategies
-    `rank(...)[:n]` equals `select(..., n)` with the same arguments.
+    entropy: their loops cost a pass over the pool per pick, and the head is all annotators reach
+    before the next retrain. With `balance`, the top `candidate_fraction` is
+    reordered by `class_balance` and the rest follows in strategy order.
+    featdist_space: "embeddings" or "logits". unknown_first: Featdist puts items predicted as a class
+    with no labeled sample last (False, the C-PEAL reference) or first (True).
     """
-    strat = _strategy(strategy, pool)
-    head = _check_n(head)
     options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
-    rng, balance_rng = _rngs(seed)
-    order = _ordering(strat, pool, head, rng, options)
-    if not balance:
-        return order
-    n_cand = _candidate_count(0, order.size, candidate_fraction)
-    top = class_balance(order, pool.predicted, pool.labels, pool.n_classes, n_cand, candidate_fraction, balance_rng)
-    return np.concatenate([top, order[n_cand:]]).astype(np.int64)
+    return _queue(strategy, pool, seed, balance, candidate_fraction, options, _check_n(head))
+
+
+def select(strategy: str, pool: Pool, n: int, seed: int = 0, *, balance: bool = False,
+           candidate_fraction: float = 0.1, featdist_space: str = "embeddings",
+           unknown_first: bool = False, head: int = RANK_HEAD) -> np.ndarray:
+    """The strategy's n picks, in priority order (first = label first); indices into N, never labeled.
+
+    Exactly `rank(...)[:n]` with the same arguments and a head of at least n (max(head, n)): one ranking
+    path, so what the simulator measures is what Label Studio's queue serves. A batch strategy therefore
+    plans a batch of max(head, n) and returns its first n picks (TypiClust's clusters depend on
+    that batch size). Returns the whole unlabeled pool when n exceeds it.
+    """
+    n = _check_n(n)
+    options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
+    return _queue(strategy, pool, seed, balance, candidate_fraction, options, max(_check_n(head), n), stop=n)[:n]
 
 
 # --- Label Studio's score, and PEAL's Figure 1 metric ---------------------------------------------------

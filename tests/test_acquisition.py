@@ -67,11 +67,14 @@ def test_rank_is_a_permutation_of_the_unlabeled_pool(pool, seed, strategy, balan
 
 
 @FAST
-@given(pool=pools(), n=st.integers(1, 10), seed=st.integers(0, 1000),
-       strategy=st.sampled_from(["random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge"]))
-def test_select_is_the_head_of_rank(pool, n, seed, strategy):
-    # n <= 10% of the pool is not needed: with balance off the prefix property holds for any n
-    np.testing.assert_array_equal(select(strategy, pool, n, seed=seed), rank(strategy, pool, seed=seed)[:n])
+@given(pool=pools(), n=st.integers(0, 40), seed=st.integers(0, 1000), strategy=st.sampled_from(STRATEGIES),
+       balance=st.booleans(), head=st.integers(0, 12))
+def test_select_is_the_head_of_rank(pool, n, seed, strategy, balance, head):
+    # one ranking path: for every strategy, balanced or not, select's n picks are the queue's first n
+    # (n beyond the candidate fraction or the pool included), with a head of at least n
+    picks = select(strategy, pool, n, seed=seed, balance=balance, head=head)
+    queue = rank(strategy, pool, seed=seed, balance=balance, head=max(head, n))
+    np.testing.assert_array_equal(picks, queue[:n])
 
 
 @FAST
@@ -226,7 +229,7 @@ def test_typiclust_cold_start_picks_typical_points_not_outliers():
     emb = np.vstack([c + rng.normal(0, 1, (100, 2)) for c in centres] + [rng.uniform(-60, 60, (10, 2))])
     emb = emb.astype(np.float32)
     pool = Pool(np.full((310, 4), 0.25), emb)  # nothing labeled, uniform probabilities
-    picks = select("typiclust", pool, 3, seed=1)
+    picks = select("typiclust", pool, 3, seed=1, head=3)  # a batch of 3: three clusters
     assert sorted((picks // 100).tolist()) == [0, 1, 2]  # one per cluster, never an outlier (index >= 300)
     for i in picks:
         assert np.linalg.norm(emb[i] - centres[i // 100]) < 1.0  # near the cluster's centre
