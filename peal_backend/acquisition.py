@@ -1,7 +1,8 @@
 """Acquisition: which unlabeled items to label next, and in what order.
 
 Every strategy answers the same question with the same inputs (a `Pool`: probabilities, optional
-embeddings and logits, labeled indices and their labels) and returns pool indices in priority order.
+embeddings, logits and linear head, labeled indices and their labels) and returns pool indices in
+priority order.
 
 - Uncertainty strategies (`random`, `entropy`, `margin`, `least_confidence`, `featdist`) give every
   unlabeled item a number; the order is that number, ties broken by a seeded random permutation.
@@ -60,6 +61,9 @@ class Pool:
     probs: (N, C) class probabilities. embeddings: (N, D) backbone features or None.
     logits: (N, C) raw logits or None. labeled: indices into N of the labeled items.
     labels: class id of each labeled item, aligned with `labeled`.
+    head_weight: (C, D) and head_bias: (C,), the linear head that reads `embeddings` (logits =
+    embeddings @ head_weight.T + head_bias), or None; DropQuery re-classifies perturbed embeddings
+    with it. A head needs embeddings; no bias with a weight means a zero bias.
     """
 
     probs: np.ndarray
@@ -67,6 +71,8 @@ class Pool:
     logits: np.ndarray | None = None
     labeled: np.ndarray = field(default_factory=_empty_int)
     labels: np.ndarray = field(default_factory=_empty_int)
+    head_weight: np.ndarray | None = None
+    head_bias: np.ndarray | None = None
 
     def __post_init__(self):
         probs = np.asarray(self.probs, dtype=np.float64)
@@ -94,6 +100,7 @@ class Pool:
             if not np.isfinite(logits).all():
                 raise ValueError("Pool.logits contains NaN or infinite values")
             object.__setattr__(self, "logits", logits)
+        self._check_head(c)
 
         labeled = np.asarray(self.labeled).reshape(-1)
         labels = np.asarray(self.labels).reshape(-1)
@@ -113,6 +120,27 @@ class Pool:
                 raise ValueError(f"Pool.labels has class ids outside [0, {c})")
         object.__setattr__(self, "labeled", labeled)
         object.__setattr__(self, "labels", labels)
+
+    def _check_head(self, c: int):
+        if self.head_weight is None:
+            if self.head_bias is not None:
+                raise ValueError("Pool.head_bias is set but Pool.head_weight is None")
+            return
+        if self.embeddings is None:
+            raise ValueError("Pool.head_weight needs Pool.embeddings (the features the head reads), which is None")
+        d = self.embeddings.shape[1]
+        weight = np.ascontiguousarray(self.head_weight, dtype=np.float32)
+        if weight.shape != (c, d):
+            raise ValueError(f"Pool.head_weight must have shape (C={c}, D={d}) to match probs and embeddings, "
+                             f"got {weight.shape}")
+        bias = np.zeros(c, dtype=np.float32) if self.head_bias is None else \
+            np.ascontiguousarray(self.head_bias, dtype=np.float32)
+        if bias.shape != (c,):
+            raise ValueError(f"Pool.head_bias must have shape (C={c},) to match probs, got {bias.shape}")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise ValueError("Pool.head_weight or Pool.head_bias contains NaN or infinite values")
+        object.__setattr__(self, "head_weight", weight)
+        object.__setattr__(self, "head_bias", bias)
 
     @property
     def n_items(self) -> int:
@@ -430,12 +458,12 @@ def typiclust(embeddings: np.ndarray, n: int, labeled: np.ndarray = _empty_int()
 @dataclass(frozen=True)
 class Strategy:
     """kind "score": fn(pool, rng, **options) -> priority of each pool.unlabeled item (higher first).
-    kind "batch": fn(pool, n, rng) -> up to n picks in order."""
+    kind "batch": fn(pool, n, rng) -> up to n picks in order. needs: the optional Pool fields it reads."""
 
     name: str
     kind: str
     fn: Callable
-    needs_embeddings: bool = False
+    needs: tuple[str, ...] = ()
 
 
 def _features(pool: Pool, space: str) -> np.ndarray:
@@ -464,9 +492,12 @@ REGISTRY: dict[str, Strategy] = {s.name: s for s in (
     Strategy("margin", "score", lambda pool, rng, **_: -margin(pool.probs[pool.unlabeled])),
     Strategy("least_confidence", "score", lambda pool, rng, **_: least_confidence(pool.probs[pool.unlabeled])),
     Strategy("featdist", "score", _featdist),
-    Strategy("coreset", "batch", lambda pool, n, rng: kcenter_greedy(pool.embeddings, n, pool.labeled, _seed(rng)), True),
-    Strategy("badge", "batch", lambda pool, n, rng: badge(pool.probs, pool.embeddings, n, pool.labeled, _seed(rng)), True),
-    Strategy("typiclust", "batch", lambda pool, n, rng: typiclust(pool.embeddings, n, pool.labeled, _seed(rng)), True),
+    Strategy("coreset", "batch", lambda pool, n, rng: kcenter_greedy(pool.embeddings, n, pool.labeled, _seed(rng)),
+             ("embeddings",)),
+    Strategy("badge", "batch", lambda pool, n, rng: badge(pool.probs, pool.embeddings, n, pool.labeled, _seed(rng)),
+             ("embeddings",)),
+    Strategy("typiclust", "batch", lambda pool, n, rng: typiclust(pool.embeddings, n, pool.labeled, _seed(rng)),
+             ("embeddings",)),
 )}
 assert tuple(REGISTRY) == STRATEGIES
 
@@ -484,8 +515,9 @@ def _strategy(name: str, pool: Pool) -> Strategy:
     if name not in REGISTRY:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
     strategy = REGISTRY[name]
-    if strategy.needs_embeddings and pool.embeddings is None:
-        raise ValueError(f"strategy {name!r} needs Pool.embeddings, which is None")
+    for needed in strategy.needs:
+        if getattr(pool, needed) is None:
+            raise ValueError(f"strategy {name!r} needs Pool.{needed}, which is None")
     return strategy
 
 

@@ -37,7 +37,8 @@ def pools(draw, max_items=30):
     n_lab = draw(st.integers(0, n))
     labeled = rng.choice(n, n_lab, replace=False)
     labels = rng.integers(0, c, n_lab)
-    return Pool(probs, emb, logits, labeled, labels)
+    head = rng.standard_normal((c, d)).astype(np.float32)  # every strategy can run, dropquery included
+    return Pool(probs, emb, logits, labeled, labels, head, rng.standard_normal(c).astype(np.float32))
 
 
 @FAST
@@ -301,3 +302,21 @@ def test_random_strategy_is_uniformish_and_seeded():
 def test_registry_covers_every_strategy():
     assert tuple(REGISTRY) == STRATEGIES == (
         "random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust")
+
+
+def test_pool_head_fields_are_validated():
+    probs, emb = np.full((4, 3), 1 / 3), np.zeros((4, 5), dtype=np.float32)
+    pool = Pool(probs, emb, head_weight=np.ones((3, 5)))
+    assert pool.head_weight.dtype == np.float32 and pool.head_bias.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"head_weight must have shape \(C=3, D=5\)"):
+        Pool(probs, emb, head_weight=np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"head_weight must have shape \(C=3, D=5\)"):
+        Pool(probs, emb, head_weight=np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"head_bias must have shape \(C=3,\)"):
+        Pool(probs, emb, head_weight=np.ones((3, 5)), head_bias=np.ones(5))
+    with pytest.raises(ValueError, match="head_weight needs Pool.embeddings"):
+        Pool(probs, head_weight=np.ones((3, 5)))
+    with pytest.raises(ValueError, match="head_bias is set but Pool.head_weight is None"):
+        Pool(probs, emb, head_bias=np.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        Pool(probs, emb, head_weight=np.full((3, 5), np.nan))
