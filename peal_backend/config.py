@@ -86,7 +86,8 @@ class Settings:
 
     # --- Acquisition -----------------------------------------------------------------------------
     strategy: str = _env("PEAL_STRATEGY", "entropy", "Acquisition strategy ordering the queue.", str,
-                         ("random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust"))
+                         ("random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust",
+                          "probcover", "dropquery"))
     balance: bool = _env("PEAL_BALANCE", False, "Class-balance the strategy's picks (PEAL / C-PEAL scheme).", bool)
     candidate_fraction: float = _env("PEAL_CANDIDATE_FRACTION", 0.1, "Class balancing chooses among this top fraction of the strategy's ranking.", float)
     budget: int = _env("PEAL_BUDGET", 0, "Batch size the strategy selects each cycle (0 = number of classes).", int)
