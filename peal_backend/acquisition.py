@@ -11,10 +11,11 @@ priority order.
 
 `rank` returns the whole queue and `select` its first n (literally `rank(...)[:n]`: one ranking path),
 `queue_scores` turns an order into the `score` Label Studio sorts by (lowest first), `class_balance`
-is the PEAL / C-PEAL wrapper that works on top of any strategy's order. The maths lives in small
-pure functions (`entropy`, `margin`, `least_confidence`, `featdist_scores`, `kcenter_greedy`,
-`badge_embeddings`, `kmeans_pp`, `badge`, `typiclust`, `probcover_delta`, `max_coverage`,
-`probcover`, `dropout_disagreement`, `dropquery`) so each can be tested and reused alone.
+is the PEAL / C-PEAL wrapper that works on top of any strategy's order, and `clusters` groups the pool
+for Label Studio's cluster-first sampling. The maths lives in small pure functions (`entropy`,
+`margin`, `least_confidence`, `featdist_scores`, `kcenter_greedy`, `badge_embeddings`, `kmeans_pp`,
+`badge`, `typiclust`, `probcover_delta`, `max_coverage`, `probcover`, `dropout_disagreement`,
+`dropquery`, `clusters`) so each can be tested and reused alone.
 
 Memory stays linear in the pool size: distances are computed block by block (faiss for
 many-to-many searches, BLAS for one-to-many) and greedy strategies keep one running vector.
@@ -776,6 +777,44 @@ def dropquery(probs: np.ndarray, embeddings: np.ndarray, head_weight: np.ndarray
                                 -(votes * is_candidate)[rest], ~is_candidate[rest]))]
         picks = np.concatenate([picks, unlabeled[fill[:n - picks.size]]])
     return picks.astype(np.int64)
+
+
+# --- clusters for Label Studio ------------------------------------------------------------------------
+
+MAX_CLUSTERS = 100
+
+
+def default_cluster_count(n_items: int) -> int:
+    """sqrt(N / 2), the classic rule of thumb for k-means (Mardia et al. 1979), at least 2 and at most
+    MAX_CLUSTERS: Label Studio serves the least-labeled cluster first, so k clusters mean k labels
+    spread over the pool before any cluster gets a second; with at most 100, each cluster of a large
+    pool holds on average at least 1 % of it, and a day's labeling still visits every cluster."""
+    return int(min(max(2, round(math.sqrt(max(n_items, 0) / 2))), MAX_CLUSTERS, max(n_items, 1)))
+
+
+def clusters(embeddings: np.ndarray, k: int | None = None, seed: int = 0) -> np.ndarray:
+    """(N,) int64 k-means cluster of each item, in [0, k); k defaults to `default_cluster_count(N)`.
+
+    faiss k-means trained on a seeded sample of at most 256 items per cluster, then every item assigned
+    to its nearest centroid block by block (memory linear in N). Deterministic for a seed. With k <= 20,
+    the best of 3 k-means++ starts: one start split or merged six well-separated blobs of unequal size
+    in 9 seeds of 20, three never did, and a start costs k^2 * 256 * D * 10 flops, nothing at such k.
+    At larger k one start (2 s at 20,000 x 768, k = 100 on the 2-core box), where a merged pair of
+    clusters matters less."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (N, D), got shape {x.shape}")
+    n_items = x.shape[0]
+    if k is None:
+        k = default_cluster_count(n_items)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}: the number of clusters must be a positive integer")
+    if n_items == 0:
+        return _empty_int()
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contains NaN or infinite values")
+    k = min(int(k), n_items)
+    return _kmeans(x, k, seed, max_points_per_centroid=256, restarts=3 if k <= 20 else 1)[0]
 
 
 # --- registry and the front doors -----------------------------------------------------------------------

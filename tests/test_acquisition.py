@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peal_backend.acquisition import (
-    REGISTRY, STRATEGIES, Pool, badge, badge_embeddings, class_balance, delta_from_purity, dropout_disagreement, dropquery, entropy, featdist_priority,
+    MAX_CLUSTERS, REGISTRY, STRATEGIES, Pool, badge, badge_embeddings, class_balance, clusters,
+    default_cluster_count, delta_from_purity, dropout_disagreement, dropquery, entropy, featdist_priority,
     featdist_scores, kcenter_greedy, kmeans_pp, least_confidence, margin, max_coverage, probcover,
     probcover_delta, purity_radius, queue_scores, rank, select, typiclust, unknown_ratio,
 )
@@ -494,7 +495,7 @@ def test_dropquery_fills_with_the_highest_entropy_when_candidates_run_short():
         dropquery(probs, emb, head, None, 5, p=1.0)
 
 
-# --- the head in the Pool ---------------------------------------------------------------------------
+# --- the head in the Pool, and clusters for Label Studio ---------------------------------------------------
 
 def test_pool_head_fields_are_validated():
     probs, emb = np.full((4, 3), 1 / 3), np.zeros((4, 5), dtype=np.float32)
@@ -512,3 +513,34 @@ def test_pool_head_fields_are_validated():
         Pool(probs, emb, head_bias=np.ones(3))
     with pytest.raises(ValueError, match="NaN"):
         Pool(probs, emb, head_weight=np.full((3, 5), np.nan))
+
+
+def test_clusters_recover_separated_blobs_deterministically():
+    rng = np.random.default_rng(12)
+    emb, blob = _blobs(rng, [90, 70, 50, 40, 30, 20], dim=12, spread=0.2)
+    for seed in range(3):
+        labels = clusters(emb, 6, seed=seed)
+        assert labels.dtype == np.int64 and labels.shape == (len(emb),)
+        assert labels.min() >= 0 and labels.max() < 6
+        # the same partition as the blobs: one label per blob, six different labels
+        assert all(np.unique(labels[blob == b]).size == 1 for b in range(6))
+        assert np.unique(labels).size == 6
+        np.testing.assert_array_equal(labels, clusters(emb, 6, seed=seed))
+
+
+def test_clusters_default_count_and_edge_cases():
+    assert [default_cluster_count(n) for n in (0, 1, 2, 8, 1000, 20_000, 10**6)] == [1, 1, 2, 2, 22, 100, 100]
+    assert MAX_CLUSTERS == 100
+    rng = np.random.default_rng(13)
+    emb = rng.standard_normal((1000, 6)).astype(np.float32)
+    labels = clusters(emb)
+    assert labels.max() < 22 and np.unique(labels).size > 15  # k-means leaves few clusters empty
+    # k-means, not an arbitrary split: far less within-cluster spread than a random partition of the same k
+    def spread(lab):
+        return sum(((emb[lab == c] - emb[lab == c].mean(axis=0)) ** 2).sum() for c in np.unique(lab))
+    assert spread(labels) < 0.6 * spread(rng.integers(0, 22, 1000))
+    assert clusters(np.zeros((0, 3), np.float32)).size == 0
+    np.testing.assert_array_equal(clusters(emb[:1]), [0])
+    np.testing.assert_array_equal(clusters(emb[:5], k=50), clusters(emb[:5], k=5))  # k capped at N
+    with pytest.raises(ValueError, match="positive integer"):
+        clusters(emb, k=0)
