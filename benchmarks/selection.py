@@ -128,7 +128,8 @@ def make_pool(size, dim, n_classes, n_labeled, seed):
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     labeled = rng.choice(size, n_labeled, replace=False)
-    return Pool(probs, emb, logits.astype(np.float32), labeled, y[labeled])
+    head = centres / dim  # a linear head for DropQuery: the class centres, scaled to logits of a few units
+    return Pool(probs, emb, logits.astype(np.float32), labeled, y[labeled], head_weight=head)
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -142,9 +143,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=100, help="n, the items each strategy selects")
     ap.add_argument("--numpy-limit-gb", type=float, default=4.0, help="skip numpy baselines needing more")
     ap.add_argument("--rank-size", type=int, default=100000, help="time rank() for every strategy at this size (0: skip)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated strategies for the rank() table")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    strategies = [s for s in args.strategies.split(",") if s.strip()]
 
     print(f"# selection benchmark: dim={args.dim} classes={args.classes} labeled={args.labeled} "
           f"budget={args.budget}")
@@ -182,7 +185,7 @@ def main(argv=None):
                   f"{tn / t:.1f}x | {same:.0%} |", flush=True)
             print(f"| {size:,} | {name} (plain numpy) | {tn:.3f} | {rssn:.0f} | {tracedn:.0f} | 1.0x | |", flush=True)
         if size == args.rank_size:
-            rank_rows = [(s, measure(lambda: rank(s, pool), 1)) for s in STRATEGIES]
+            rank_rows = [(s, measure(lambda: rank(s, pool), 1)) for s in strategies]
         del pool
     for note in notes:
         print(f"- {note}")
@@ -190,7 +193,7 @@ def main(argv=None):
     if args.rank_size:
         if args.rank_size not in sizes:
             pool = make_pool(args.rank_size, args.dim, args.classes, args.labeled, args.seed)
-            rank_rows = [(s, measure(lambda: rank(s, pool), 1)) for s in STRATEGIES]
+            rank_rows = [(s, measure(lambda: rank(s, pool), 1)) for s in strategies]
         print(f"\n`rank()` (the whole queue) on {args.rank_size:,} items; batch strategies order their first "
               f"{RANK_HEAD} picks, entropy the rest")
         print("| strategy | seconds | peak RSS MB | peak traced MB |")

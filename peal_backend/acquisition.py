@@ -1,18 +1,21 @@
 """Acquisition: which unlabeled items to label next, and in what order.
 
 Every strategy answers the same question with the same inputs (a `Pool`: probabilities, optional
-embeddings and logits, labeled indices and their labels) and returns pool indices in priority order.
+embeddings, logits and linear head, labeled indices and their labels) and returns pool indices in
+priority order.
 
 - Uncertainty strategies (`random`, `entropy`, `margin`, `least_confidence`, `featdist`) give every
   unlabeled item a number; the order is that number, ties broken by a seeded random permutation.
-- Batch strategies (`coreset`, `badge`, `typiclust`) build a batch pick by pick; the order is the
-  order of the picks.
+- Batch strategies (`coreset`, `badge`, `typiclust`, `probcover`, `dropquery`) build a batch pick by
+  pick; the order is the order of the picks.
 
-`select` returns a strategy's n picks, `rank` the whole queue, `queue_scores` turns an order into the
-`score` Label Studio sorts by (lowest first), and `class_balance` is the PEAL / C-PEAL wrapper that
-works on top of any strategy's order. The maths lives in small pure functions (`entropy`, `margin`,
-`least_confidence`, `featdist_scores`, `kcenter_greedy`, `badge_embeddings`, `kmeans_pp`, `badge`,
-`typiclust`) so each can be tested and reused alone.
+`rank` returns the whole queue and `select` its first n (literally `rank(...)[:n]`: one ranking path),
+`queue_scores` turns an order into the `score` Label Studio sorts by (lowest first), `class_balance`
+is the PEAL / C-PEAL wrapper that works on top of any strategy's order, and `clusters` groups the pool
+for Label Studio's cluster-first sampling. The maths lives in small pure functions (`entropy`,
+`margin`, `least_confidence`, `featdist_scores`, `kcenter_greedy`, `badge_embeddings`, `kmeans_pp`,
+`badge`, `typiclust`, `probcover_delta`, `max_coverage`, `probcover`, `dropout_disagreement`,
+`dropquery`, `clusters`) so each can be tested and reused alone.
 
 Memory stays linear in the pool size: distances are computed block by block (faiss for
 many-to-many searches, BLAS for one-to-many) and greedy strategies keep one running vector.
@@ -30,6 +33,7 @@ from threadpoolctl import threadpool_limits  # ships with scikit-learn
 
 STRATEGIES: tuple[str, ...] = (
     "random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust",
+    "probcover", "dropquery",
 )
 FEATDIST_SPACES = ("embeddings", "logits")
 # Strategies that need no classifier: they rank by the pool's geometry (the frozen backbone's embeddings)
@@ -61,6 +65,9 @@ class Pool:
     probs: (N, C) class probabilities. embeddings: (N, D) backbone features or None.
     logits: (N, C) raw logits or None. labeled: indices into N of the labeled items.
     labels: class id of each labeled item, aligned with `labeled`.
+    head_weight: (C, D) and head_bias: (C,), the linear head that reads `embeddings` (logits =
+    embeddings @ head_weight.T + head_bias), or None; DropQuery re-classifies perturbed embeddings
+    with it. A head needs embeddings; no bias with a weight means a zero bias.
     """
 
     probs: np.ndarray
@@ -68,6 +75,8 @@ class Pool:
     logits: np.ndarray | None = None
     labeled: np.ndarray = field(default_factory=_empty_int)
     labels: np.ndarray = field(default_factory=_empty_int)
+    head_weight: np.ndarray | None = None
+    head_bias: np.ndarray | None = None
 
     def __post_init__(self):
         probs = np.asarray(self.probs, dtype=np.float64)
@@ -95,6 +104,7 @@ class Pool:
             if not np.isfinite(logits).all():
                 raise ValueError("Pool.logits contains NaN or infinite values")
             object.__setattr__(self, "logits", logits)
+        self._check_head(c)
 
         labeled = np.asarray(self.labeled).reshape(-1)
         labels = np.asarray(self.labels).reshape(-1)
@@ -114,6 +124,27 @@ class Pool:
                 raise ValueError(f"Pool.labels has class ids outside [0, {c})")
         object.__setattr__(self, "labeled", labeled)
         object.__setattr__(self, "labels", labels)
+
+    def _check_head(self, c: int):
+        if self.head_weight is None:
+            if self.head_bias is not None:
+                raise ValueError("Pool.head_bias is set but Pool.head_weight is None")
+            return
+        if self.embeddings is None:
+            raise ValueError("Pool.head_weight needs Pool.embeddings (the features the head reads), which is None")
+        d = self.embeddings.shape[1]
+        weight = np.ascontiguousarray(self.head_weight, dtype=np.float32)
+        if weight.shape != (c, d):
+            raise ValueError(f"Pool.head_weight must have shape (C={c}, D={d}) to match probs and embeddings, "
+                             f"got {weight.shape}")
+        bias = np.zeros(c, dtype=np.float32) if self.head_bias is None else \
+            np.ascontiguousarray(self.head_bias, dtype=np.float32)
+        if bias.shape != (c,):
+            raise ValueError(f"Pool.head_bias must have shape (C={c},) to match probs, got {bias.shape}")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise ValueError("Pool.head_weight or Pool.head_bias contains NaN or infinite values")
+        object.__setattr__(self, "head_weight", weight)
+        object.__setattr__(self, "head_bias", bias)
 
     @property
     def n_items(self) -> int:
@@ -206,9 +237,10 @@ def featdist_scores(features: np.ndarray, predicted: np.ndarray, labeled: np.nda
     return np.sqrt(np.maximum(dist, 0.0)), known_class[predicted]
 
 
-def featdist_priority(distance: np.ndarray, known: np.ndarray, unknown_first: bool = True) -> np.ndarray:
+def featdist_priority(distance: np.ndarray, known: np.ndarray, unknown_first: bool = False) -> np.ndarray:
     """One number per item, higher = label first: far from its class mean first; items of a predicted
-    class with no labeled sample all come before (unknown_first) or after every known-class item."""
+    class with no labeled sample all come after (the default, as in the C-PEAL reference code) or,
+    with unknown_first, before every known-class item."""
     shift = float(distance.max(initial=0.0)) + 1.0
     unknown = ~np.asarray(known, dtype=bool)
     return distance + shift * (unknown if unknown_first else ~unknown)
@@ -346,6 +378,42 @@ def badge(probs: np.ndarray, embeddings: np.ndarray, n: int, labeled: np.ndarray
 
 # --- TypiClust: typical points of k-means clusters (cold start) ---------------------------------------
 
+def _kmeans(x: np.ndarray, k: int, seed: int, max_points_per_centroid: int = 64,
+            rows: np.ndarray | None = None, restarts: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """k-means with faiss on x[rows] (all rows by default): the cluster of each row and its squared
+    distance to the centroid, both aligned with `rows`.
+
+    Trains on a seeded sample of at most k * max_points_per_centroid rows, then assigns every row block
+    by block: the clusters only need to be roughly right, training on a 1M pool would take minutes, and
+    x[rows] is never copied whole. Each of `restarts` runs starts from k-means++ seeds drawn on the
+    sample and the lowest objective wins: faiss's own start (k random rows) merged three of five
+    well-separated blobs and split a fourth in a test, and one k-means++ start still did now and then.
+    Deterministic for a seed."""
+    rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    k = max(1, min(int(k), rows.size))
+    rng = np.random.default_rng(seed)
+    cap = k * max_points_per_centroid
+    train = rows if rows.size <= cap else np.sort(rng.choice(rows, cap, replace=False))
+    sample = np.ascontiguousarray(x[train], dtype=np.float32)
+    sq = _sq_norms(sample)
+    best = None
+    for _ in range(max(1, int(restarts))):
+        seeds = _d2_sampling(k, int(rng.integers(train.size)), lambda j: sq - 2.0 * (sample @ sample[j]) + sq[j],
+                             np.ones(train.size, dtype=bool), rng)
+        km = faiss.Kmeans(x.shape[1], k, niter=10, seed=int(rng.integers(2**31 - 1)), verbose=False,
+                          min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
+        objective = km.train(sample, init_centroids=sample[seeds])
+        if best is None or objective < best[0]:
+            best = (objective, km)
+    index = best[1].index
+    assign = np.empty(rows.size, dtype=np.int64)
+    sqdist = np.empty(rows.size, dtype=np.float32)
+    for s in range(0, rows.size, _BLOCK):
+        d, idx = index.search(np.ascontiguousarray(x[rows[s:s + _BLOCK]], dtype=np.float32), 1)
+        assign[s:s + _BLOCK], sqdist[s:s + _BLOCK] = idx[:, 0], d[:, 0]
+    return assign, sqdist
+
+
 def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     if k <= 1:
         return np.zeros(x.shape[0], dtype=np.int64)
@@ -425,17 +493,343 @@ def typiclust(embeddings: np.ndarray, n: int, labeled: np.ndarray = _empty_int()
     return np.asarray(picks, dtype=np.int64)
 
 
+# --- ProbCover: greedy maximum coverage by delta-balls (cold start) ------------------------------------
+
+# ProbCover works on a seeded sample of at most this many unlabeled items (all of them in a smaller
+# pool): they are both the candidates and the points to cover. The neighbour search costs
+# points^2 * D flops (about 8e10 at 10,000 x 768, a few seconds on the 2-core box), and coverage
+# measured on 10,000 random points is within about 1 % of the whole pool's.
+PROBCOVER_MAX_POINTS = 10_000
+# Each point keeps at most its this-many nearest neighbours inside its ball, so the graph takes
+# points x 200 x 12 bytes (24 MB at 10,000) whatever delta is, and with its reversed copy in
+# `max_coverage` about 100 MB at most. A ball holding more points counts as
+# holding 200 when picks are compared (denser balls win the ties); covering stays exact, one
+# matrix-vector product per pick. The default delta keeps most balls under the cap (see
+# `probcover_delta`).
+PROBCOVER_MAX_NEIGHBORS = 200
+PROBCOVER_DEFAULT_CLASSES = 10  # k-means pseudo-classes for the delta rule when the classes are unknown
+
+
+def _l2_normalised(x: np.ndarray) -> np.ndarray:
+    x = np.array(x, dtype=np.float32)  # a copy, normalised in place
+    for s in range(0, x.shape[0], _BLOCK):
+        b = x[s:s + _BLOCK]
+        norms = np.sqrt(np.einsum("ij,ij->i", b, b))
+        b /= np.where(norms > 0, norms, 1.0)[:, None]  # a zero vector stays zero: similar to nothing
+    return x
+
+
+def _neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For unit rows x: each row's k most similar other rows, as (m, k) cosine similarities (descending)
+    and (m, k) row indices. The row itself is left out, even among exact duplicates of it."""
+    m = x.shape[0]
+    k = min(int(k), m - 1)
+    sims, idx = np.empty((m, max(k, 0)), dtype=np.float32), np.empty((m, max(k, 0)), dtype=np.int64)
+    if k < 1:
+        return sims, idx
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    step = 4096
+    for s in range(0, m, step):
+        d, i = index.search(x[s:s + step], k + 1)
+        own = i == np.arange(s, s + i.shape[0])[:, None]
+        own[~own.any(axis=1), -1] = True  # self not listed (tied duplicates came first): drop the last
+        sims[s:s + step] = d[~own].reshape(-1, k)
+        idx[s:s + step] = i[~own].reshape(-1, k)
+    return sims, idx
+
+
+def _distance(sims: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0))  # unit vectors: |a - b|^2 = 2 - 2 a.b
+
+
+def _similarity_threshold(delta: float) -> float:
+    return 1.0 - delta * delta / 2.0  # |a - b| < delta  <=>  a.b > 1 - delta^2 / 2 (unit vectors)
+
+
+def purity_radius(sims: np.ndarray, idx: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
+    """(m,) for each point, the largest delta at which its open delta-ball is known to be pure (to hold
+    only points of its own pseudo-class): the distance to its nearest listed neighbour of another
+    class; if every listed neighbour shares its class, the distance to the farthest one listed, as
+    purity beyond the list is not checked. `sims`, `idx`: each point's neighbours, most similar first."""
+    pseudo = np.asarray(pseudo)
+    if idx.shape[1] == 0:
+        return np.zeros(idx.shape[0])
+    other = pseudo[idx] != pseudo[:, None]
+    first = np.where(other.any(axis=1), other.argmax(axis=1), idx.shape[1] - 1)
+    return _distance(sims[np.arange(idx.shape[0]), first].astype(np.float64))
+
+
+def delta_from_purity(radius: np.ndarray, alpha: float = 0.95) -> float:
+    """The largest delta at which at least a fraction `alpha` of the balls are pure, given each ball's
+    purity radius (pure for every delta <= radius): the ceil(alpha * m)-th largest radius."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha}: must be in (0, 1]")
+    radius = np.asarray(radius, dtype=np.float64)
+    if radius.size == 0:
+        return 0.0
+    j = max(math.ceil(alpha * radius.size - 1e-9), 1) - 1  # 1e-9: 0.95 * 20 is 19.000000000000004
+    return float(-np.partition(-radius, j)[j])
+
+
+def _probcover_delta(x: np.ndarray, sims: np.ndarray, idx: np.ndarray, n_classes: int | None, seed: int,
+                     alpha: float) -> float:
+    k = PROBCOVER_DEFAULT_CLASSES if n_classes is None else int(n_classes)
+    pseudo = _kmeans(x, k, seed, max_points_per_centroid=256, restarts=5)[0]  # k is small: restarts are cheap
+    return delta_from_purity(purity_radius(sims, idx, pseudo), alpha)
+
+
+def _probcover_sample(embeddings: np.ndarray, labeled: np.ndarray, max_points: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.ones(embeddings.shape[0], dtype=bool)
+    mask[labeled] = False
+    points = np.flatnonzero(mask)
+    if points.size > max_points:
+        points = np.sort(rng.choice(points, max_points, replace=False))
+    return points, _l2_normalised(embeddings[points])
+
+
+def probcover_delta(embeddings: np.ndarray, n_classes: int | None = None, seed: int = 0, alpha: float = 0.95,
+                    max_points: int = PROBCOVER_MAX_POINTS,
+                    max_neighbors: int = PROBCOVER_MAX_NEIGHBORS) -> float:
+    """ProbCover's radius rule (Yehuda et al. 2022): the largest delta at which at least `alpha` of the
+    delta-balls around the points are pure with respect to k-means pseudo-labels (k = n_classes, or
+    PROBCOVER_DEFAULT_CLASSES when unknown), on L2-normalised embeddings (distances in [0, 2]).
+
+    Computed on a seeded sample of `max_points` items. A ball counts as pure only as far as each
+    point's `max_neighbors` nearest neighbours show, so the rule never picks a delta whose balls are
+    mostly larger than the neighbour lists `probcover` keeps: a choice on the safe (smaller) side."""
+    rng = np.random.default_rng(seed)
+    _, x = _probcover_sample(np.asarray(embeddings, dtype=np.float32), _empty_int(), max_points, rng)
+    sims, idx = _neighbours(x, max_neighbors)
+    return _probcover_delta(x, sims, idx, n_classes, int(rng.integers(2**31 - 1)), alpha)
+
+
+def _csr_gather(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """values[ptr[r]:ptr[r + 1]] for every r in rows, concatenated, without a Python loop."""
+    starts, lengths = ptr[rows], ptr[rows + 1] - ptr[rows]
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return values[offsets + np.arange(offsets.size)]
+
+
+def max_coverage(x: np.ndarray, sims: np.ndarray, idx: np.ndarray, delta: float, n: int,
+                 labeled_similarity: np.ndarray | None = None, tiebreak: np.ndarray | None = None,
+                 min_delta: float = 1e-4) -> np.ndarray:
+    """ProbCover's greedy step on unit rows x: n times, pick the row whose open delta-ball holds the
+    most rows not yet covered (itself included), then mark its whole ball covered. Returns row indices
+    in pick order.
+
+    sims, idx: each row's nearest neighbours (`_neighbours`); a ball's size is counted over that list
+    only, while covering uses an exact product with every row. labeled_similarity: (m,) each row's
+    largest similarity to a labeled item; the labeled items' balls start out covering. tiebreak: (m,)
+    values in [0, 1), higher wins among equal counts. Once every row is covered, delta is halved and
+    coverage recomputed from the picks and labeled items (balls at a finer scale); below `min_delta`
+    the rest follow in tiebreak order.
+    """
+    m = x.shape[0]
+    n = min(int(n), m)
+    tiebreak = np.zeros(m) if tiebreak is None else np.asarray(tiebreak, dtype=np.float64)
+    labeled_similarity = np.full(m, -np.inf) if labeled_similarity is None else labeled_similarity
+    available = np.ones(m, dtype=bool)
+    picks: list[int] = []
+    src_all = np.repeat(np.arange(m), idx.shape[1])
+    with _one_blas_thread():
+        while len(picks) < n:
+            thr = _similarity_threshold(delta)
+            covered = labeled_similarity > thr
+            for s in range(0, len(picks), 256):  # balls of the picks so far (after a halving)
+                covered |= (x @ x[picks[s:s + 256]].T > thr).any(axis=1)
+            covered[picks] = True
+            # edge (i -> j): j is in i's ball; sorted by j, so covering j finds every ball that held it
+            inside = (sims > thr).ravel()
+            src, dst = src_all[inside], idx.ravel()[inside]
+            order = np.argsort(dst, kind="stable")
+            holders, ptr = src[order], np.concatenate([[0], np.cumsum(np.bincount(dst, minlength=m))])
+            count = np.bincount(src[~covered[dst]], minlength=m) + ~covered
+            while len(picks) < n:
+                i = int(np.argmax(np.where(available, count + tiebreak, -1.0)))
+                if count[i] <= 0:
+                    break  # everything is covered at this delta
+                picks.append(i)
+                available[i] = False
+                hit = x @ x[i] > thr
+                hit[i] = True
+                newly = np.flatnonzero(hit & ~covered)
+                covered[newly] = True
+                count[newly] -= 1  # each covered row leaves its own ball...
+                count -= np.bincount(_csr_gather(ptr, holders, newly), minlength=m)  # ...and its holders'
+            if len(picks) < n and delta < min_delta:  # only duplicates of the picks are left
+                rest = np.flatnonzero(available)
+                picks.extend(rest[np.argsort(-tiebreak[rest], kind="stable")][:n - len(picks)].tolist())
+            delta /= 2.0
+    return np.asarray(picks, dtype=np.int64)
+
+
+def probcover(embeddings: np.ndarray, n: int, labeled: np.ndarray = _empty_int(), seed: int = 0,
+              delta: float | None = None, n_classes: int | None = None, alpha: float = 0.95,
+              max_points: int = PROBCOVER_MAX_POINTS, max_neighbors: int = PROBCOVER_MAX_NEIGHBORS) -> np.ndarray:
+    """ProbCover (Yehuda et al. 2022, "Active Learning Through a Covering Lens"), made for small budgets.
+
+    On L2-normalised embeddings, each point holds an open ball of radius `delta`; greedily pick the
+    unlabeled point whose ball covers the most points not covered yet, the labeled points' balls
+    covering from the start (`max_coverage`). delta defaults to the paper's purity rule
+    (`probcover_delta`, alpha = 0.95, k-means with k = n_classes). Ties in coverage go to the denser
+    point (higher mean similarity to its neighbours), then at random. When everything is covered,
+    delta is halved and the greedy goes on at the finer scale.
+
+    Candidates and covered points are a seeded sample of at most `max_points` unlabeled items (all of
+    them in a smaller pool), so it returns up to min(n, max_points) pool indices, in pick order.
+    """
+    labeled = np.asarray(labeled, dtype=np.int64)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    points, x = _probcover_sample(emb, labeled, max_points, rng)
+    n = min(int(n), points.size)
+    if n <= 0:
+        return _empty_int()
+    sims, idx = _neighbours(x, max_neighbors)
+    kmeans_seed = int(rng.integers(2**31 - 1))
+    if delta is None:
+        delta = _probcover_delta(x, sims, idx, n_classes, kmeans_seed, alpha)
+    if delta < 0:
+        raise ValueError(f"delta={delta}: must be non-negative")
+    labeled_similarity = np.full(points.size, -np.inf)
+    if labeled.size:
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(_l2_normalised(emb[labeled]))
+        for s in range(0, points.size, _BLOCK):
+            labeled_similarity[s:s + _BLOCK] = index.search(x[s:s + _BLOCK], 1)[0][:, 0]
+    density = sims.mean(axis=1) if sims.shape[1] else np.zeros(points.size)
+    tiebreak = np.empty(points.size)
+    tiebreak[np.lexsort((rng.permutation(points.size), density))] = np.arange(points.size) / points.size
+    return points[max_coverage(x, sims, idx, float(delta), n, labeled_similarity, tiebreak)]
+
+
+# --- DropQuery: dropout disagreement on the features, clustered (Gupte et al. 2024) -------------------
+
+def _dropout_votes(x: np.ndarray, rows: np.ndarray, weight: np.ndarray, bias: np.ndarray, p: float,
+                   trials: int, rng: np.random.Generator) -> np.ndarray:
+    if not 0 <= p < 1:
+        raise ValueError(f"p={p}: the dropout rate must be in [0, 1)")
+    if trials < 1:
+        raise ValueError(f"trials={trials}: must be at least 1")
+    w_t = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
+    bias = np.asarray(bias, dtype=np.float32)
+    votes = np.zeros(rows.size, dtype=np.int64)
+    step = 8192  # an (8192, D) mask at a time: 25 MB at width 768
+    for s in range(0, rows.size, step):
+        b = np.asarray(x[rows[s:s + step]], dtype=np.float32)
+        clean = (b @ w_t + bias).argmax(axis=1)
+        for _ in range(trials):
+            # inverted dropout, as at training time: kept features scaled by 1 / (1 - p), so the
+            # expected logits are the clean ones and only the noise moves the prediction
+            kept = rng.random(b.shape, dtype=np.float32) >= p
+            noisy = ((b * kept) @ w_t) / (1.0 - p) + bias
+            votes[s:s + step] += noisy.argmax(axis=1) != clean
+    return votes
+
+
+def dropout_disagreement(embeddings: np.ndarray, head_weight: np.ndarray, head_bias: np.ndarray,
+                         p: float = 0.75, trials: int = 3, seed: int = 0) -> np.ndarray:
+    """(N,) in how many of `trials` feature-dropout copies of each embedding the linear head
+    (logits = x @ head_weight.T + head_bias) predicts another class than on the clean embedding."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    return _dropout_votes(x, np.arange(x.shape[0]), head_weight, head_bias, p, trials, np.random.default_rng(seed))
+
+
+def dropquery(probs: np.ndarray, embeddings: np.ndarray, head_weight: np.ndarray, head_bias: np.ndarray | None,
+              n: int, labeled: np.ndarray = _empty_int(), seed: int = 0, p: float = 0.75,
+              trials: int = 3) -> np.ndarray:
+    """DropQuery (Gupte et al. 2024, "Revisiting Active Learning in the Era of Vision Foundation Models").
+
+    Each unlabeled embedding is re-classified by the linear head `trials` times with feature dropout
+    (rate p = 0.75 and 3 trials, the paper's setting); the items whose prediction changes in more than
+    half of the trials are the candidates: near a decision boundary in feature space. The candidates
+    are clustered with k-means into n clusters and each cluster gives its member nearest the centroid,
+    the largest clusters first (most of the uncertain mass). Empty clusters, or fewer candidates than
+    n, are filled with the remaining candidates (most votes first), then the other items by highest
+    entropy of `probs`. The clean prediction the trials are compared with is the head's own, so both
+    come from one classifier. Returns up to n pool indices, in pick order.
+    """
+    x = np.asarray(embeddings, dtype=np.float32)
+    weight = np.asarray(head_weight, dtype=np.float32)
+    bias = np.zeros(weight.shape[0], dtype=np.float32) if head_bias is None else head_bias
+    mask = np.ones(x.shape[0], dtype=bool)
+    mask[np.asarray(labeled, dtype=np.int64)] = False
+    unlabeled = np.flatnonzero(mask)
+    n = min(int(n), unlabeled.size)
+    if n <= 0:
+        return _empty_int()
+    rng = np.random.default_rng(seed)
+    votes = _dropout_votes(x, unlabeled, weight, bias, p, trials, rng)
+    is_candidate = 2 * votes > trials
+    candidates = unlabeled[is_candidate]
+    picks = _empty_int()
+    if candidates.size > n:
+        assign, sqdist = _kmeans(x, n, int(rng.integers(2**31 - 1)), rows=candidates)
+        by_cluster = np.lexsort((sqdist, assign))  # within a cluster, nearest the centroid first
+        firsts = by_cluster[np.r_[True, assign[by_cluster][1:] != assign[by_cluster][:-1]]]
+        sizes = np.bincount(assign)
+        picks = candidates[firsts[np.lexsort((assign[firsts], -sizes[assign[firsts]]))]]
+    if picks.size < n:
+        left = np.ones(unlabeled.size, dtype=bool)
+        left[np.searchsorted(unlabeled, picks)] = False
+        rest = np.flatnonzero(left)
+        fill = rest[np.lexsort((rng.permutation(rest.size), -entropy(np.asarray(probs)[unlabeled[rest]]),
+                                -(votes * is_candidate)[rest], ~is_candidate[rest]))]
+        picks = np.concatenate([picks, unlabeled[fill[:n - picks.size]]])
+    return picks.astype(np.int64)
+
+
+# --- clusters for Label Studio ------------------------------------------------------------------------
+
+MAX_CLUSTERS = 100
+
+
+def default_cluster_count(n_items: int) -> int:
+    """sqrt(N / 2), the classic rule of thumb for k-means (Mardia et al. 1979), at least 2 and at most
+    MAX_CLUSTERS: Label Studio serves the least-labeled cluster first, so k clusters mean k labels
+    spread over the pool before any cluster gets a second; with at most 100, each cluster of a large
+    pool holds on average at least 1 % of it, and a day's labeling still visits every cluster."""
+    return int(min(max(2, round(math.sqrt(max(n_items, 0) / 2))), MAX_CLUSTERS, max(n_items, 1)))
+
+
+def clusters(embeddings: np.ndarray, k: int | None = None, seed: int = 0) -> np.ndarray:
+    """(N,) int64 k-means cluster of each item, in [0, k); k defaults to `default_cluster_count(N)`.
+
+    faiss k-means trained on a seeded sample of at most 256 items per cluster, then every item assigned
+    to its nearest centroid block by block (memory linear in N). Deterministic for a seed. With k <= 20,
+    the best of 3 k-means++ starts: one start split or merged six well-separated blobs of unequal size
+    in 9 seeds of 20, three never did, and a start costs k^2 * 256 * D * 10 flops, nothing at such k.
+    At larger k one start (2 s at 20,000 x 768, k = 100 on the 2-core box), where a merged pair of
+    clusters matters less."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (N, D), got shape {x.shape}")
+    n_items = x.shape[0]
+    if k is None:
+        k = default_cluster_count(n_items)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}: the number of clusters must be a positive integer")
+    if n_items == 0:
+        return _empty_int()
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contains NaN or infinite values")
+    k = min(int(k), n_items)
+    return _kmeans(x, k, seed, max_points_per_centroid=256, restarts=3 if k <= 20 else 1)[0]
+
+
 # --- registry and the front doors -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Strategy:
     """kind "score": fn(pool, rng, **options) -> priority of each pool.unlabeled item (higher first).
-    kind "batch": fn(pool, n, rng) -> up to n picks in order."""
+    kind "batch": fn(pool, n, rng) -> up to n picks in order. needs: the optional Pool fields it reads."""
 
     name: str
     kind: str
     fn: Callable
-    needs_embeddings: bool = False
+    needs: tuple[str, ...] = ()
 
 
 def _features(pool: Pool, space: str) -> np.ndarray:
@@ -447,7 +841,7 @@ def _features(pool: Pool, space: str) -> np.ndarray:
     return feats
 
 
-def _featdist(pool: Pool, rng, *, featdist_space: str = "embeddings", unknown_first: bool = True, **_):
+def _featdist(pool: Pool, rng, *, featdist_space: str = "embeddings", unknown_first: bool = False, **_):
     dist, known = featdist_scores(_features(pool, featdist_space), pool.predicted, pool.labeled,
                                   pool.labels, pool.n_classes)
     u = pool.unlabeled
@@ -464,9 +858,17 @@ REGISTRY: dict[str, Strategy] = {s.name: s for s in (
     Strategy("margin", "score", lambda pool, rng, **_: -margin(pool.probs[pool.unlabeled])),
     Strategy("least_confidence", "score", lambda pool, rng, **_: least_confidence(pool.probs[pool.unlabeled])),
     Strategy("featdist", "score", _featdist),
-    Strategy("coreset", "batch", lambda pool, n, rng: kcenter_greedy(pool.embeddings, n, pool.labeled, _seed(rng)), True),
-    Strategy("badge", "batch", lambda pool, n, rng: badge(pool.probs, pool.embeddings, n, pool.labeled, _seed(rng)), True),
-    Strategy("typiclust", "batch", lambda pool, n, rng: typiclust(pool.embeddings, n, pool.labeled, _seed(rng)), True),
+    Strategy("coreset", "batch", lambda pool, n, rng: kcenter_greedy(pool.embeddings, n, pool.labeled, _seed(rng)),
+             ("embeddings",)),
+    Strategy("badge", "batch", lambda pool, n, rng: badge(pool.probs, pool.embeddings, n, pool.labeled, _seed(rng)),
+             ("embeddings",)),
+    Strategy("typiclust", "batch", lambda pool, n, rng: typiclust(pool.embeddings, n, pool.labeled, _seed(rng)),
+             ("embeddings",)),
+    Strategy("probcover", "batch", lambda pool, n, rng: probcover(pool.embeddings, n, pool.labeled, _seed(rng),
+                                                                  n_classes=pool.n_classes), ("embeddings",)),
+    Strategy("dropquery", "batch", lambda pool, n, rng: dropquery(pool.probs, pool.embeddings, pool.head_weight,
+                                                                  pool.head_bias, n, pool.labeled, _seed(rng)),
+             ("embeddings", "head_weight")),
 )}
 assert tuple(REGISTRY) == STRATEGIES
 
@@ -484,13 +886,15 @@ def _strategy(name: str, pool: Pool) -> Strategy:
     if name not in REGISTRY:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
     strategy = REGISTRY[name]
-    if strategy.needs_embeddings and pool.embeddings is None:
-        raise ValueError(f"strategy {name!r} needs Pool.embeddings, which is None")
+    for needed in strategy.needs:
+        if getattr(pool, needed) is None:
+            raise ValueError(f"strategy {name!r} needs Pool.{needed}, which is None")
     return strategy
 
 
 def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    # separate streams for the strategy and the balancing, so select(n) is a prefix of rank
+    # separate streams for the strategy and the balancing, so the strategy's order does not depend on
+    # whether the balancing runs
     a, b = np.random.SeedSequence(int(seed)).spawn(2)
     return np.random.default_rng(a), np.random.default_rng(b)
 
@@ -557,51 +961,51 @@ def _check_n(n) -> int:
     return int(n)
 
 
-def select(strategy: str, pool: Pool, n: int, seed: int = 0, *, balance: bool = False,
-           candidate_fraction: float = 0.1, featdist_space: str = "embeddings",
-           unknown_first: bool = True) -> np.ndarray:
-    """The strategy's n picks, in priority order (first = label first); indices into N, never labeled.
-
-    Returns the whole unlabeled pool when n exceeds it. With `balance`, `class_balance` chooses the n
-    among the strategy's top `candidate_fraction` (a batch strategy ranks
-    max(n, min(candidates, RANK_HEAD)) of them itself, entropy the rest).
-    featdist_space: "embeddings" or "logits". unknown_first: Featdist puts items predicted as a class
-    with no labeled sample first (True) or last (False).
-    """
+def _queue(strategy: str, pool: Pool, seed: int, balance: bool, candidate_fraction: float, options: dict,
+           head: int, stop: int | None = None) -> np.ndarray:
+    """The one ranking path behind `rank` and `select`. With `stop`, class balancing stops after that
+    many picks: its picks are made one after another from one random stream, so the first `stop` are
+    the same either way, and `select` need not balance the whole candidate set."""
     strat = _strategy(strategy, pool)
-    n = min(_check_n(n), pool.unlabeled.size)
-    options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
-    rng, balance_rng = _rngs(seed)
-    if not balance:
-        if strat.kind == "batch":
-            return strat.fn(pool, n, rng)
-        return _ordering(strat, pool, n, rng, options)[:n]
-    n_cand = _candidate_count(n, pool.unlabeled.size, candidate_fraction)
-    order = _ordering(strat, pool, max(n, min(n_cand, RANK_HEAD)), rng, options)
-    return class_balance(order, pool.predicted, pool.labels, pool.n_classes, n, candidate_fraction, balance_rng)
-
-
-def rank(strategy: str, pool: Pool, seed: int = 0, *, balance: bool = False, candidate_fraction: float = 0.1,
-         featdist_space: str = "embeddings", unknown_first: bool = True, head: int = RANK_HEAD) -> np.ndarray:
-    """Every unlabeled index, in the order the strategy would have them labeled (the whole queue).
-
-    Score strategies sort the whole pool. Batch strategies (coreset, badge, typiclust) put their picks
-    for a batch of `head` items first (default RANK_HEAD; the whole pool if smaller), then the rest by
-    entropy: their greedy loops cost a pass over the pool per pick, and the head is all annotators reach
-    before the next retrain. With `balance`, the top `candidate_fraction` is reordered by
-    `class_balance` and the rest follows in strategy order. For score strategies
-    `rank(...)[:n]` equals `select(..., n)` with the same arguments.
-    """
-    strat = _strategy(strategy, pool)
-    head = _check_n(head)
-    options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
     rng, balance_rng = _rngs(seed)
     order = _ordering(strat, pool, head, rng, options)
     if not balance:
         return order
     n_cand = _candidate_count(0, order.size, candidate_fraction)
-    top = class_balance(order, pool.predicted, pool.labels, pool.n_classes, n_cand, candidate_fraction, balance_rng)
-    return np.concatenate([top, order[n_cand:]]).astype(np.int64)
+    n_balanced = n_cand if stop is None else min(stop, n_cand)
+    top = class_balance(order[:n_cand], pool.predicted, pool.labels, pool.n_classes, n_balanced, 1.0, balance_rng)
+    return np.concatenate([top, order[n_balanced:][~np.isin(order[n_balanced:], top)]]).astype(np.int64)
+
+
+def rank(strategy: str, pool: Pool, seed: int = 0, *, balance: bool = False, candidate_fraction: float = 0.1,
+         featdist_space: str = "embeddings", unknown_first: bool = False, head: int = RANK_HEAD) -> np.ndarray:
+    """Every unlabeled index, in the order the strategy would have them labeled (the whole queue).
+
+    Score strategies sort the whole pool. Batch strategies (coreset, badge, typiclust, probcover,
+    dropquery) put their picks for a batch of `head` items first (default RANK_HEAD; the whole pool if
+    smaller), then the rest by entropy: their loops cost a pass over the pool per pick, and the head is
+    all annotators reach before the next retrain. With `balance`, the top `candidate_fraction` is
+    reordered by `class_balance` and the rest follows in strategy order.
+    featdist_space: "embeddings" or "logits". unknown_first: Featdist puts items predicted as a class
+    with no labeled sample last (False, the C-PEAL reference) or first (True).
+    """
+    options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
+    return _queue(strategy, pool, seed, balance, candidate_fraction, options, _check_n(head))
+
+
+def select(strategy: str, pool: Pool, n: int, seed: int = 0, *, balance: bool = False,
+           candidate_fraction: float = 0.1, featdist_space: str = "embeddings",
+           unknown_first: bool = False, head: int = RANK_HEAD) -> np.ndarray:
+    """The strategy's n picks, in priority order (first = label first); indices into N, never labeled.
+
+    Exactly `rank(...)[:n]` with the same arguments and a head of at least n (max(head, n)): one ranking
+    path, so what the simulator measures is what Label Studio's queue serves. A batch strategy therefore
+    plans a batch of max(head, n) and returns its first n picks (TypiClust's clusters, DropQuery's
+    k-means, depend on that batch size). Returns the whole unlabeled pool when n exceeds it.
+    """
+    n = _check_n(n)
+    options = dict(featdist_space=featdist_space, unknown_first=unknown_first)
+    return _queue(strategy, pool, seed, balance, candidate_fraction, options, max(_check_n(head), n), stop=n)[:n]
 
 
 # --- Label Studio's score, and PEAL's Figure 1 metric ---------------------------------------------------

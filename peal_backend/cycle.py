@@ -207,7 +207,7 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
         probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
     coverage = strategy in acquisition.COVERAGE_STRATEGIES
     head = {}
-    if clf is not None and "head_weight" in acquisition.Pool.__dataclass_fields__:
+    if clf is not None:
         head = {"head_weight": clf.head.weight.detach().float().cpu().numpy(),
                 "head_bias": clf.head.bias.detach().float().cpu().numpy()}
     ap = acquisition.Pool(probs=probs, embeddings=frozen if coverage else outputs.embeddings, logits=outputs.logits,
@@ -216,6 +216,6 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
                              balance=settings.balance and trainable, candidate_fraction=settings.candidate_fraction)
     scores = acquisition.queue_scores(order, n_lab + len(pool))[n_lab:]
     clusters = (acquisition.clusters(frozen, k=settings.clusters or None, seed=settings.seed)
-                if settings.clusters >= 0 and hasattr(acquisition, "clusters") else np.zeros(0, np.int64))
+                if settings.clusters >= 0 else np.zeros(0, np.int64))
     return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], order - n_lab, scores,
                        clusters, strategy)
