@@ -21,6 +21,7 @@ import requests
 SAMPLING = ("Sequential sampling", "Uniform sampling", "Uncertainty sampling")
 PAGE_SIZE = 100      # tasks per page when listing a project
 CHUNK_SIZE = 200     # predictions per bulk import request
+PARALLEL_REQUESTS = 4  # concurrent one-prediction requests (predictions with a cluster)
 TOKEN_MARGIN = 30.0  # refresh an access token this many seconds before it expires
 
 
@@ -259,8 +260,10 @@ class LabelStudio:
         rows = _validated(predictions)
         have = self.tasks_with_prediction(project_id, model_version) if rows else set()
         pending = [p for p in rows if p["task"] not in have]
+        clustered = [p for p in pending if "cluster" in p]
+        pending = [p for p in pending if "cluster" not in p]
+        created = self._create_one_by_one(project_id, clustered, model_version) if clustered else 0
         path = f"/api/projects/{int(project_id)}/import/predictions"
-        created = 0
         for start in range(0, len(pending), CHUNK_SIZE):
             chunk = pending[start:start + CHUNK_SIZE]
             for attempt in range(self.retries + 1):
@@ -283,6 +286,31 @@ class LabelStudio:
                 created += int((r.json() or {}).get("created", len(chunk)))
                 break
         return created
+
+    def _create_one_by_one(self, project_id: int, rows: list[dict], model_version: str) -> int:
+        """Predictions that carry a `cluster`: Label Studio 1.23's bulk import drops that field, and only
+        its per-prediction endpoint stores it, so one request each (a few threads in parallel)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def create(row: dict) -> int:
+            body = {**row, "model_version": model_version}
+            for attempt in range(self.retries + 1):
+                try:
+                    r = self._send("POST", "/api/predictions/", json=body)
+                except _Transient as e:
+                    if attempt == self.retries:
+                        raise LabelStudioError(f"{e} (after {attempt + 1} attempts)") from None
+                    self._backoff(attempt)
+                    if row["task"] in self._retry_check(project_id, model_version):
+                        return 0  # the failed attempt had committed
+                    continue
+                if r.status_code == 404:
+                    raise LabelStudioError(f"POST /api/predictions/ -> 404: {self._detail(r)}")
+                return 1
+            return 0
+
+        with ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS) as pool:
+            return sum(pool.map(create, rows))
 
     def _retry_check(self, project_id: int, model_version: str) -> set[int]:
         try:

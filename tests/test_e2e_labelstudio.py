@@ -325,12 +325,13 @@ def test_basic_auth_between_label_studio_and_the_backend(label_studio, xrays, ba
         ml_id = server.client.ml.create(project=pid, url=backend.url, title="peal-backend", is_interactive=False,
                                         auth_method="BASIC_AUTH", basic_auth_user=auth[0], basic_auth_pass=auth[1]).id
         assert backend.metrics()["counts"].get("setup", 0) >= 1
+        assert wait_for_runs(backend, pid, 1)["last_result"]["status"] == "ordered"  # the cold start
         # ...but not on the webhook it creates: the annotation event is refused (401), nothing queued.
         tids = sorted(truth)
         picks = [t for t in tids if truth[t] == "normal"][:2] + [t for t in tids if truth[t] == "pneumonia"][:2]
         annotate(server, picks[:1], truth)  # Label Studio delivers the webhook inside the save
         assert not any(k.startswith("webhook_") for k in backend.metrics()["counts"])
-        assert backend.jobs(pid)["runs"] == 0 and backend.jobs(pid)["state"] == "idle"
+        assert backend.jobs(pid)["runs"] == 1 and backend.jobs(pid)["state"] == "idle"
         # With the header added (what connect_backend.connect does) annotations reach the backend.
         assert connect_backend.add_webhook_auth(server.client, pid, backend.url, auth) == 1
         annotate(server, picks[1:], truth)
@@ -340,5 +341,77 @@ def test_basic_auth_between_label_studio_and_the_backend(label_studio, xrays, ba
         server.client.ml.train(id=ml_id)
         status = wait_for_runs(backend, pid, status["runs"] + 1)
         assert status["reason"] == "START_TRAINING"
+    finally:
+        stop_backend(backend)
+
+
+def predictions_at(client: LabelStudio, pid: int, version: str) -> dict[int, dict]:
+    """task id -> its prediction at `version`, for every unlabeled task (each must have exactly one)."""
+    out = {}
+    for task in client.unlabeled_tasks(pid):
+        at_version = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(at_version) == 1, f"task {task['id']}: {len(at_version)} predictions at {version}"
+        out[task["id"]] = at_version[0]
+    return out
+
+
+def test_cold_start_orders_a_connected_project_before_any_label(label_studio, xrays, backbone, tmp_path):
+    """Connected with no label: the backend orders the pool (coverage on the backbone's embeddings) and
+    Label Studio serves the lowest score; one label of one class still shows no predicted choice;
+    every pushed prediction carries a cluster."""
+    server = label_studio
+    client = LabelStudio(server.url, server.token)
+    pid, truth = make_project(server, xrays, "e2e cold start", 10, 4)
+    backend = start_backend(server, backbone, tmp_path)
+    try:
+        connect_backend.connect(server.client, pid, backend.url)
+        status = wait_for_runs(backend, pid, 1)  # /setup queued the ordering: no annotation was made
+        result = status["last_result"]
+        assert result["status"] == "ordered" and result["n_labeled"] == 0 and result["n_pool"] == len(truth)
+        version = result["model_version"]
+        assert version.startswith("peal-coldstart-v")
+        preds = predictions_at(client, pid, version)
+        assert set(preds) == set(truth)
+        assert all(p["result"] == [] for p in preds.values())  # an order, no predicted choice
+        assert all(isinstance(p["cluster"], int) for p in preds.values())
+        assert len({p["cluster"] for p in preds.values()}) >= 2
+        assert client.project(pid)["model_version"] == version
+        scores = {t: p["score"] for t, p in preds.items()}
+        nxt = client.next_task(pid)
+        assert nxt["id"] == min(scores, key=scores.get) == result["label_next"]
+        # /predict for a task of this project answers the same order, still without a choice
+        r = requests.post(backend.url + "/predict", timeout=60, json={
+            "project": f"{pid}.0", "label_config": (REPO / "examples" / "label_config.xml").read_text(),
+            "tasks": [{"id": nxt["id"], "data": nxt["data"]}]})
+        assert r.json()["results"][0]["result"] == [] and r.json()["results"][0]["score"] == scores[nxt["id"]]
+
+        # One label of one class: re-ordered around it, but no classifier is trained or shown
+        annotate(server, [nxt["id"]], truth)
+        status = wait_for_runs(backend, pid, 2)
+        assert status["last_result"]["status"] == "ordered" and status["last_result"]["n_labeled"] == 1
+        preds = predictions_at(client, pid, status["last_result"]["model_version"])
+        assert nxt["id"] not in preds and all(p["result"] == [] for p in preds.values())
+
+        # A label of the other class: now a classifier, with choices, served in score order
+        other = next(t for t in preds if truth[t] != truth[nxt["id"]])
+        annotate(server, [other], truth)
+        status = wait_for_runs(backend, pid, 3)
+        assert status["last_result"]["status"] == "trained"
+        version = status["last_result"]["model_version"]
+        preds = predictions_at(client, pid, version)
+        assert all(p["result"][0]["value"]["choices"][0] in LABELS for p in preds.values())
+        assert all(isinstance(p["cluster"], int) for p in preds.values())
+        # Label Studio serves the least-labeled cluster first, lowest score within: what the simulator
+        # models with cycle.served_next (the annotator's tasks count in their predictions' highest cluster)
+        from peal_backend.cycle import served_next
+        solved: dict[int, int] = {}
+        for task in client.tasks(pid):
+            if task["id"] in (nxt["id"], other):
+                c = max(p["cluster"] for p in task["predictions"] if p.get("cluster") is not None)
+                solved[c] = solved.get(c, 0) + 1
+        ids = sorted(preds)
+        expected = served_next(np.array([preds[t]["score"] for t in ids]), np.array([preds[t]["cluster"] for t in ids]),
+                               solved, 1)
+        assert client.next_task(pid)["id"] == ids[int(expected[0])]
     finally:
         stop_backend(backend)
