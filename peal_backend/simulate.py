@@ -36,7 +36,7 @@ import torch
 from . import acquisition
 from .backbone import BackboneLoadError, input_size, load_backbone
 from .config import Settings, SettingsError
-from .cycle import ImageSet, run_cycle, score_images, served_next
+from .cycle import CycleResult, ImageSet, run_cycle, score_images, served_next
 from .images import decode_image, preprocess, to_pil
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -339,6 +339,16 @@ def cycle_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
+def simulated_cycle(prep: Prepared, settings: Settings, labeled: np.ndarray, init: dict | None = None) -> CycleResult:
+    """The backend's cycle on the train split, `labeled` (train indices, in the order Label Studio lists
+    their tasks) labeled, the rest the pool (in index order)."""
+    labeled = np.asarray(labeled, dtype=np.int64)
+    unlabeled = np.setdiff1d(np.arange(len(prep.data.train_labels)), labeled)
+    targets = torch.from_numpy(prep.data.train_labels[labeled])
+    return run_cycle(settings, prep.images("train", labeled), targets, prep.images("train", unlabeled),
+                     prep.data.n_classes, init=init, cache_dir=prep.cache_dir)
+
+
 def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int) -> Iterator[dict]:
     """One configuration and seed, as a Label Studio project would go: no label at first; each cycle
     `cycle.run_cycle` (what the backend's training job runs) orders the pool, then the annotator labels
@@ -355,9 +365,7 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
     while done < cycles:
         t0 = time.perf_counter()
         unlabeled = np.setdiff1d(np.arange(n_train), labeled)
-        targets = torch.from_numpy(data.train_labels[labeled])
-        result = run_cycle(s, prep.images("train", labeled), targets, prep.images("train", unlabeled),
-                           data.n_classes, init=init, cache_dir=prep.cache_dir)
+        result = simulated_cycle(prep, s, labeled, init)
         t1 = time.perf_counter()
         row = None
         if result.trained:

@@ -151,20 +151,6 @@ def _small_dataset(n_train=40, n_test=16, seed=0) -> sim.Dataset:
     return sim.Dataset("blobs", xtr, ytr, xte, yte, ["dark", "bright"])
 
 
-@pytest.mark.parametrize("adapter, last_k", [("linear", 0), ("lora", 1)])
-def test_cached_scores_equal_predict(tiny_backbone, adapter, last_k):
-    s = Settings(backbone=tiny_backbone, adapter=adapter, lora_last_k=last_k, min_steps=5, epochs=1)
-    prep = sim.prepare(_small_dataset(), s)
-    clf = build_classifier(s, 2)
-    fit(clf, prep.train_pixels[:8], torch.tensor([0, 1] * 4), s)
-    for split in ("train", "test"):
-        cached = sim.scores(clf, prep, split, s)
-        direct = predict(clf, getattr(prep, f"{split}_pixels"), s)
-        np.testing.assert_allclose(cached.logits, direct.logits, atol=1e-5)
-        np.testing.assert_allclose(cached.probs, direct.probs, atol=1e-6)
-        np.testing.assert_allclose(cached.embeddings, direct.embeddings, atol=1e-5)
-
-
 # --- the loop ------------------------------------------------------------------------------------------
 def _rows(path):
     with open(path, newline="") as f:
@@ -187,10 +173,7 @@ def test_simulate_writes_rows_plots_summary_and_resumes(tiny_backbone, tmp_path)
             assert 0.0 <= float(r["unknown_fraction"]) <= 1.0
         else:
             assert r["unknown_fraction"] == ""  # the last model's picks are never made
-    # every configuration of a seed starts from the same cold-start set, so the first cycles of
-    # linear/random and linear/badge+bal train on the same labels and score the same
-    first = {(r["config"], r["seed"]): r["accuracy"] for r in rows if r["cycle"] == "0"}
-    assert first[("linear/random", "0")] == first[("linear/badge+bal", "0")]
+    assert {r["settings"] for r in rows} == {sim.settings_key(s)}
     assert (tmp_path / "accuracy_blobs.png").stat().st_size > 10_000
     assert "| linear/random | 2 |" in (tmp_path / "summary.md").read_text()
 
@@ -226,16 +209,29 @@ def test_parallel_processes_share_one_csv_without_losing_runs(tmp_path):
     assert len(rows) == 3050
 
 
-def test_picks_are_new_items_and_warm_start_changes_training(tiny_backbone):
-    s = Settings(backbone=tiny_backbone, min_steps=5, epochs=1)
-    prep = sim.prepare(_small_dataset(), s)
-    seen = set(sim.cold_start(prep, 4, seed=0).tolist())
-    assert len(seen) == 4
+def test_picks_are_new_items_and_warm_start_changes_training(tiny_backbone, tmp_path):
+    s = Settings(backbone=tiny_backbone, min_steps=5, epochs=1, clusters=-1)
+    prep = sim.prepare(_small_dataset(), s, tmp_path / "cache")
     rows = list(sim.run_seed(prep, s, sim.Variant("linear", "entropy"), 0, cycles=4, budget=4))
     assert [r["labels"] for r in rows] == [4, 8, 12, 16]  # four distinct new items each cycle
-    warm = list(sim.run_seed(prep, s.replace(warm_start=True), sim.Variant("linear", "entropy"), 0, 4, 4))
-    assert warm[0]["accuracy"] == rows[0]["accuracy"]  # nothing to start from in cycle 0
-    assert [r["ece"] for r in warm[1:]] != [r["ece"] for r in rows[1:]]
+    lora = sim.Variant("lora", "entropy")
+    cold = list(sim.run_seed(prep, s, lora, 0, cycles=3, budget=4))
+    warm = list(sim.run_seed(prep, s.replace(warm_start=True), lora, 0, 3, 4))
+    assert warm[0]["accuracy"] == cold[0]["accuracy"]  # nothing to start from in cycle 0
+    assert [r["ece"] for r in warm[1:]] != [r["ece"] for r in cold[1:]]
+
+
+def test_a_project_with_few_labels_is_served_in_coverage_order_then_trains(tiny_backbone, tmp_path):
+    """auto: the cold cycle (no label) only orders; a classifier is trained once two classes are in."""
+    s = Settings(backbone=tiny_backbone, clusters=-1)
+    prep = sim.prepare(_small_dataset(), s, tmp_path / "cache")
+    cold = sim.simulated_cycle(prep, s, np.zeros(0, np.int64))
+    assert not cold.trained and cold.strategy == s.auto_coverage and cold.order.size == len(prep.train_hashes)
+    one_class = np.flatnonzero(prep.data.train_labels == 0)[:3]
+    assert not sim.simulated_cycle(prep, s, one_class).trained
+    both = np.concatenate([one_class, np.flatnonzero(prep.data.train_labels == 1)[:1]])
+    trained = sim.simulated_cycle(prep, s, both)
+    assert trained.trained and trained.strategy == s.auto_coverage  # 4 labels < 3 per class: still coverage
 
 
 def test_labels_to_reach_and_summary_reference():
