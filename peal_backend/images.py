@@ -5,6 +5,9 @@ Studio, need its API token) or absolute `http(s)://...`. `ImageFetcher` turns th
 under a few rules that keep a backend exposed to arbitrary task data safe:
 
 - only http and https (and inline `data:image/...;base64,` URIs); never file://, ftp://, ...
+- a URL is parsed once, by urllib3's parser (the one that connects), and requested in that canonical
+  form; URLs that parsers read differently (backslashes, control characters, user@ credentials) are
+  refused;
 - only the Label Studio host and the hosts in PEAL_ALLOWED_HOSTS (`*` = any, `*.example.com` =
   its subdomains); redirects (at most 3) are followed by hand and re-checked at every hop;
 - Label Studio's auth headers go only to Label Studio's own origin, never to a redirect elsewhere;
@@ -35,6 +38,8 @@ import numpy as np
 import requests
 import torch
 import urllib3
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import Settings
@@ -49,6 +54,7 @@ _CHUNK = 64 * 1024
 # Query parameters that are paths, not secrets: shown as they are in messages.
 _PLAIN_QUERY_KEYS = {"d", "fileuri"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_AMBIGUOUS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class ImageError(Exception):
@@ -79,13 +85,50 @@ def safe_url(url: str) -> str:
         return "<unparseable url>"
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an absolute http(s) URL; ValueError if it has none."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if not parts.hostname:
-        raise ValueError("no host")
-    return scheme, parts.hostname.lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
+class _SchemeError(ValueError):
+    """The URL's scheme is not http or https."""
+
+
+class _Target:
+    """An absolute http(s) URL as urllib3 (hence requests) reads it: the parser that connects.
+
+    Checking the host with one parser and connecting with another let a task URL such as
+    `http://evil:81\\@label-studio/data/upload/1/a.png` pass as Label Studio (Python's urlsplit takes the
+    host after the last `@`) while urllib3 connected to `evil` (it ends the host at the backslash), with
+    the API token. So a URL is parsed once, here; `url` is its canonical form, the one requested, and
+    what the parsers could disagree on (backslashes, control characters, user@ credentials) is refused.
+    """
+
+    def __init__(self, url: str):
+        bad = _AMBIGUOUS.search(url)
+        if bad:
+            what = "a backslash" if bad.group() == "\\" else f"control character {bad.group()!r}"
+            raise ValueError(f"URL contains {what}; refused because URL parsers disagree on such URLs")
+        try:
+            parsed = parse_url(url)
+        except LocationParseError as exc:
+            raise ValueError(f"unparseable URL ({str(exc).split(': ', 1)[-1][:100]})") from None
+        self.scheme = (parsed.scheme or "").lower()
+        if not parsed.scheme or "://" not in url:
+            raise ValueError("not an absolute http(s) URL")
+        if self.scheme not in _DEFAULT_PORTS:
+            raise _SchemeError(f"scheme {self.scheme!r} is not allowed (only http and https)")
+        if parsed.auth is not None:
+            raise ValueError("credentials (user@host) in the URL are not allowed")
+        if not parsed.host:
+            raise ValueError("not an absolute http(s) URL (no host)")
+        self.host = parsed.host.lower()
+        self.port = parsed.port or _DEFAULT_PORTS[self.scheme]
+        self.path = parsed.path or "/"
+        self.url = parsed._replace(fragment=None).url
+        # requests' adapter picks its connection pool with urllib.parse; both must see the same host.
+        other = urlsplit(self.url)
+        if ((other.hostname or "").lower(), other.port or _DEFAULT_PORTS[self.scheme]) != (self.host.strip("[]"), self.port):
+            raise ValueError("URL parsers disagree on its host; refused")
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
 
 
 def _host_matches(entry: str, host: str, port: int) -> bool:
@@ -207,7 +250,7 @@ class ImageFetcher:
         self.auth_headers = auth_headers
         self.base_url = settings.label_studio_url.rstrip("/")
         try:
-            self.ls_origin = _origin(self.base_url)
+            self.ls_origin = _Target(self.base_url).origin
         except ValueError:
             raise ValueError(f"LABEL_STUDIO_URL={settings.label_studio_url!r}: not an absolute http(s) URL") from None
         self.allowed = settings.allowed_host_list
@@ -237,8 +280,7 @@ class ImageFetcher:
             url = f"{self.ls_origin[0]}:{url}"
         elif url.startswith("/"):
             url = self.base_url + url  # keeps a path prefix such as http://host/label-studio
-        self._check_allowed(url)
-        return url
+        return self._check_allowed(url).url
 
     # internals
 
@@ -263,21 +305,18 @@ class ImageFetcher:
         self._cache_write(url, data)
         return data, image
 
-    def _check_allowed(self, url: str) -> None:
+    def _check_allowed(self, url: str) -> _Target:
+        """`url` parsed, if it may be fetched; ImageError naming the reason if not."""
         try:
-            scheme, host, port = _origin(url)
+            target = _Target(url)
         except ValueError as exc:
-            scheme = urlsplit(url).scheme.lower() if "://" in url else ""
-            if scheme and scheme not in _DEFAULT_PORTS:
-                raise ImageError(url, f"scheme {scheme!r} is not allowed (only http and https)") from None
-            raise ImageError(url, f"not an absolute http(s) URL ({exc})") from None
-        if scheme not in _DEFAULT_PORTS:
-            raise ImageError(url, f"scheme {scheme!r} is not allowed (only http and https)")
-        if (host, port) == self.ls_origin[1:]:
-            return
-        if not any(_host_matches(entry, host, port) for entry in self.allowed):
-            shown = f"{host}:{port}" if port != _DEFAULT_PORTS[scheme] else host
+            raise ImageError(url, str(exc)) from None
+        if target.origin[1:] == self.ls_origin[1:]:
+            return target
+        if not any(_host_matches(entry, target.host, target.port) for entry in self.allowed):
+            shown = f"{target.host}:{target.port}" if target.port != _DEFAULT_PORTS[target.scheme] else target.host
             raise ImageError(url, f"host {shown!r} is not allowed (add it to PEAL_ALLOWED_HOSTS)")
+        return target
 
     @property
     def _session(self) -> requests.Session:
@@ -291,9 +330,12 @@ class ImageFetcher:
         timeout = self.settings.fetch_timeout
         deadline = time.monotonic() + timeout
         started = time.monotonic()
+        target = self._check_allowed(url)
         for hop in range(MAX_REDIRECTS + 1):
+            url = target.url  # the URL requested is the one whose host was checked
+            to_label_studio = target.origin == self.ls_origin
             headers = {}
-            if self.auth_headers is not None and _origin(url) == self.ls_origin:
+            if self.auth_headers is not None and to_label_studio:
                 headers.update(self.auth_headers())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -313,16 +355,14 @@ class ImageFetcher:
                         raise ImageError(url, f"HTTP {response.status_code} redirect without a Location")
                     if hop == MAX_REDIRECTS:
                         raise ImageError(url, f"more than {MAX_REDIRECTS} redirects")
-                    target = urljoin(url, location)
                     try:
-                        self._check_allowed(target)
+                        target = self._check_allowed(urljoin(url, location))
                     except ImageError as exc:
                         raise ImageError(url, f"redirected to {exc.url!r}: {exc.reason}") from None
-                    url = target
                     continue
                 if response.status_code != 200:
                     hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) \
-                        and _origin(url) == self.ls_origin else ""
+                        and to_label_studio else ""
                     raise ImageError(url, f"HTTP {response.status_code} {response.reason or ''}".rstrip() + hint)
                 data = self._read_body(url, response, deadline)
                 log.debug("fetched %s: %d bytes in %.2f s", safe_url(url), len(data), time.monotonic() - started)

@@ -371,6 +371,21 @@ def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
     assert SECRET_KEY not in text and SECRET_PASS not in text
 
 
+def test_predict_never_sends_the_token_to_a_host_hidden_behind_a_backslash(auth_client, served, tmp_path):
+    # urllib.parse reads the host after the `@` (Label Studio); urllib3 connects to the one before the backslash
+    other = ImageServer(tmp_path / "other")
+    try:
+        good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
+        image = f"http://127.0.0.1:{other.port}\\@127.0.0.1:{served.port}/data/upload/7/good0.png"
+        r = auth_client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": image}}], "project": PROJECT,
+                                               "label_config": CONFIG}, headers=good)
+        assert r.status_code == 200
+        assert [req.headers.get("authorization") for req in other.requests] == []
+        assert "backslash" in r.json["results"][0]["error"]
+    finally:
+        other.close()
+
+
 # --- Label Studio-side bad input, through the real training job ----------------------------------
 
 from tests.labelstudio_fixture import label_studio  # noqa: E402,F401  (session fixture)

@@ -20,7 +20,7 @@ from PIL import Image
 from peal_backend.config import Settings
 from peal_backend.images import (IMAGENET_MEAN, IMAGENET_STD, ImageError, ImageFetcher, content_hash,
                                  decode_image, preprocess, safe_url, to_pil)
-from tests.conftest import free_port
+from tests.conftest import ImageServer, free_port
 
 TOKEN = "s3cr3t-api-token"
 
@@ -150,6 +150,65 @@ def test_auth_headers_not_forwarded_on_redirect(image_server, real_images, fetch
     hop, final = image_server.requests
     assert hop.headers["authorization"] == f"Token {TOKEN}"
     assert final.host.startswith("localhost") and "authorization" not in final.headers
+
+
+# --- URLs that URL parsers read differently ----------------------------------------------------------
+
+@pytest.fixture
+def other_server(tmp_path):
+    """A second loopback server: a host that must never see Label Studio's token."""
+    server = ImageServer(tmp_path / "other")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def tricky_url(connects_to, looks_like, path="/data/upload/1/0.png") -> str:
+    """urllib.parse reads the host after the last `@` (`looks_like`); urllib3 ends it at the backslash
+    and connects to `connects_to`."""
+    return f"http://127.0.0.1:{connects_to.port}\\@127.0.0.1:{looks_like.port}{path}"
+
+
+def test_backslash_url_never_carries_the_token_to_another_host(image_server, other_server, real_images, fetcher_for):
+    image_server.add("data/upload/1/0.png", real_images.files["retina_0.png"])
+    auth = AuthCounter()
+    with pytest.raises(ImageError) as info:
+        fetcher_for(auth).fetch(tricky_url(other_server, image_server))
+    assert other_server.requests == [] and image_server.requests == [] and auth.calls == 0
+    assert "backslash" in info.value.reason
+
+
+def test_backslash_redirect_never_carries_the_token_to_another_host(image_server, other_server, fetcher_for):
+    def moved(handler, query):
+        handler.send_response(302)
+        handler.send_header("Location", tricky_url(other_server, image_server))
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    image_server.routes["/data/upload/1/moved.png"] = moved
+    with pytest.raises(ImageError) as info:
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/moved.png")
+    assert other_server.requests == []
+    assert "redirected to" in info.value.reason and "backslash" in info.value.reason
+
+
+def test_backslash_url_does_not_bypass_the_allow_list(image_server, other_server, real_images, fetcher_for):
+    other_server.add("a.png", real_images.files["retina_0.png"])
+    url = tricky_url(other_server, image_server, "/a.png").replace("@127.0.0.1:", "@localhost:")
+    with pytest.raises(ImageError) as info:
+        fetcher_for(allowed_hosts=f"localhost:{image_server.port}").fetch(url)
+    assert other_server.requests == []
+    assert "backslash" in info.value.reason
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:1\tx/a.png", "control character"),
+    ("http://user:pw@127.0.0.1:1/a.png", "credentials"),
+    ("http://127.0.0.1:1\\/a.png", "backslash"),
+])
+def test_ambiguous_urls_are_refused(fetcher_for, url, reason):
+    with pytest.raises(ImageError, match=reason):
+        fetcher_for(allowed_hosts="*").fetch(url)
 
 
 # --- the cache ---------------------------------------------------------------------------------------
