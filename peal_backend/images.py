@@ -10,7 +10,9 @@ under a few rules that keep a backend exposed to arbitrary task data safe:
   refused;
 - only the Label Studio host and the hosts in PEAL_ALLOWED_HOSTS (`*` = any, `*.example.com` =
   its subdomains); redirects (at most 3) are followed by hand and re-checked at every hop;
-- Label Studio's auth headers go only to Label Studio's own origin, never to a redirect elsewhere;
+- Label Studio's auth headers go only to Label Studio's own origin, never to a redirect elsewhere, and
+  there only to its media routes (/data/upload/, /data/local-files/, /tasks|projects/<id>/resolve/);
+  with a token, other paths on Label Studio (its API) and paths with `..` segments are refused;
 - bodies are streamed under a byte limit and an overall deadline;
 - width x height is checked from the image header before any pixel is decoded (decompression bombs);
 - URLs in messages and logs have their credentials and query values hidden.
@@ -55,6 +57,9 @@ _CHUNK = 64 * 1024
 _PLAIN_QUERY_KEYS = {"d", "fileuri"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _AMBIGUOUS = re.compile(r"[\x00-\x1f\x7f\\]")
+# Label Studio's media routes, below its base path: the only paths its API token is sent to.
+_MEDIA_ROUTES = re.compile(r"/data/upload/.+|/data/local-files/?|/(tasks|projects)/\d+/(resolve|presign)/?")
+_ENCODED_DOT_OR_SLASH = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 
 
 class ImageError(Exception):
@@ -120,6 +125,11 @@ class _Target:
         self.host = parsed.host.lower()
         self.port = parsed.port or _DEFAULT_PORTS[self.scheme]
         self.path = parsed.path or "/"
+        # urllib3 removes `.`/`..` segments and servers decode %2e, %2f: either way a path that looked
+        # like a media route can reach another one (/data/upload/../../api/users/).
+        raw_path = urlsplit(url).path
+        self.traverses = (any(segment in (".", "..") for segment in raw_path.split("/"))
+                          or bool(_ENCODED_DOT_OR_SLASH.search(raw_path)))
         self.url = parsed._replace(fragment=None).url
         # requests' adapter picks its connection pool with urllib.parse; both must see the same host.
         other = urlsplit(self.url)
@@ -253,6 +263,7 @@ class ImageFetcher:
             self.ls_origin = _Target(self.base_url).origin
         except ValueError:
             raise ValueError(f"LABEL_STUDIO_URL={settings.label_studio_url!r}: not an absolute http(s) URL") from None
+        self.ls_path = _Target(self.base_url).path.rstrip("/")  # e.g. /label-studio, or empty
         self.allowed = settings.allowed_host_list
         self.cache_dir = settings.image_cache_dir
         self._local = threading.local()
@@ -312,11 +323,24 @@ class ImageFetcher:
         except ValueError as exc:
             raise ImageError(url, str(exc)) from None
         if target.origin[1:] == self.ls_origin[1:]:
+            if self.auth_headers is not None:
+                self._check_media_route(url, target)
             return target
         if not any(_host_matches(entry, target.host, target.port) for entry in self.allowed):
             shown = f"{target.host}:{target.port}" if target.port != _DEFAULT_PORTS[target.scheme] else target.host
             raise ImageError(url, f"host {shown!r} is not allowed (add it to PEAL_ALLOWED_HOSTS)")
         return target
+
+    def _check_media_route(self, url: str, target: _Target) -> None:
+        """The API token opens all of Label Studio's API: send it only to the routes that serve media."""
+        if target.traverses:
+            raise ImageError(url, "path has '.' or '..' segments or a percent-encoded '.', '/' or '\\'; "
+                                  "refused on Label Studio, which gets the API token")
+        route = target.path[len(self.ls_path):] if target.path.startswith(self.ls_path + "/") else ""
+        if not _MEDIA_ROUTES.fullmatch(route):
+            raise ImageError(url, f"path {target.path!r} is not one of Label Studio's media routes (/data/upload/, "
+                                  "/data/local-files/, /tasks/<id>/resolve/, /projects/<id>/resolve/); "
+                                  "the API token is sent only there")
 
     @property
     def _session(self) -> requests.Session:

@@ -356,7 +356,8 @@ def test_basic_auth_accepts_non_ascii_password(auth_client):
 def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
     caplog.set_level(logging.DEBUG)
     good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
-    tasks = [{"id": 1, "data": {"image": served.url(f"/status/401?token={SECRET_KEY}")}},
+    served.routes["/data/upload/7/refused.png"] = lambda handler, query: handler.answer(401, b"no\n")
+    tasks = [{"id": 1, "data": {"image": served.url(f"/data/upload/7/refused.png?token={SECRET_KEY}")}},
              {"id": 2, "data": {"image": f"http://user:{SECRET_PASS}@127.0.0.1:9/x.png"}},
              {"id": 3, "data": {"image": f"/data/upload/7/missing.png?sig={SECRET_KEY}"}}]
     bodies = [auth_client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG},

@@ -49,6 +49,16 @@ def fetcher_for(image_server, tmp_path):
     return build
 
 
+def add_redirect(server, path: str, location: str, code: int = 302) -> None:
+    """Make `server` answer `path` with a redirect to `location` (under a media route, where the token goes)."""
+    def redirect(handler, query):
+        handler.send_response(code)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    server.routes[path] = redirect
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -130,8 +140,8 @@ def test_local_files_url(image_server, real_images, fetcher_for):
 
 
 def test_auth_headers_not_sent_to_other_hosts(image_server, real_images, fetcher_for):
-    url = image_server.add("a.png", real_images.files["retina_0.png"])
-    other = image_server.url("/a.png", host="localhost")
+    url = image_server.add("data/upload/1/a.png", real_images.files["retina_0.png"])
+    other = image_server.url("/data/upload/1/a.png", host="localhost")
     auth = AuthCounter()
     fetcher = fetcher_for(auth, allowed_hosts=f"localhost:{image_server.port}")
     fetcher.fetch(other)
@@ -144,9 +154,9 @@ def test_auth_headers_not_sent_to_other_hosts(image_server, real_images, fetcher
 
 def test_auth_headers_not_forwarded_on_redirect(image_server, real_images, fetcher_for):
     image_server.add("a.png", real_images.files["retina_0.png"])
-    target = image_server.url("/a.png", host="localhost")
+    add_redirect(image_server, "/data/upload/1/moved.png", image_server.url("/a.png", host="localhost"))
     fetcher = fetcher_for(AuthCounter(), allowed_hosts="localhost")
-    fetcher.fetch("/redirect?to=" + quote(target, safe=""))
+    fetcher.fetch("/data/upload/1/moved.png")
     hop, final = image_server.requests
     assert hop.headers["authorization"] == f"Token {TOKEN}"
     assert final.host.startswith("localhost") and "authorization" not in final.headers
@@ -180,12 +190,7 @@ def test_backslash_url_never_carries_the_token_to_another_host(image_server, oth
 
 
 def test_backslash_redirect_never_carries_the_token_to_another_host(image_server, other_server, fetcher_for):
-    def moved(handler, query):
-        handler.send_response(302)
-        handler.send_header("Location", tricky_url(other_server, image_server))
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-    image_server.routes["/data/upload/1/moved.png"] = moved
+    add_redirect(image_server, "/data/upload/1/moved.png", tricky_url(other_server, image_server))
     with pytest.raises(ImageError) as info:
         fetcher_for(AuthCounter()).fetch("/data/upload/1/moved.png")
     assert other_server.requests == []
@@ -209,6 +214,47 @@ def test_backslash_url_does_not_bypass_the_allow_list(image_server, other_server
 def test_ambiguous_urls_are_refused(fetcher_for, url, reason):
     with pytest.raises(ImageError, match=reason):
         fetcher_for(allowed_hosts="*").fetch(url)
+
+
+# --- the token goes only to Label Studio's media routes ---------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "/api/projects/1/next",
+    "/api/current-user/whoami",
+    "/data/upload/../../api/users/",
+    "/data/upload/%2e%2e/%2E%2E/api/users/",
+    "/data/upload/1/..%2f..%2fapi/users/",
+    "/data/local-files/../../api/users/?d=x.png",
+    "/tasks/1/resolve/../../api/users/",
+    "/data/uploadx/1.png",
+])
+def test_token_is_not_sent_to_label_studio_api_paths(image_server, fetcher_for, url):
+    auth = AuthCounter()
+    with pytest.raises(ImageError) as info:
+        fetcher_for(auth).fetch(url)
+    assert image_server.requests == [] and auth.calls == 0
+    assert "media routes" in info.value.reason or "'..' segments" in info.value.reason
+
+
+def test_redirect_to_a_label_studio_api_path_is_refused(image_server, fetcher_for):
+    add_redirect(image_server, "/data/upload/1/moved.png", "/api/users/")
+    with pytest.raises(ImageError, match="redirected to .*media routes"):
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/moved.png")
+    assert image_server.count("/api/users/") == 0
+
+
+def test_token_is_sent_to_storage_resolve_routes(image_server, real_images, fetcher_for):
+    def resolve(handler, query):
+        handler.serve_file("/bucket/a.png")
+    image_server.routes["/tasks/12/resolve/"] = resolve
+    image_server.add("bucket/a.png", real_images.files["retina_0.png"])
+    fetcher_for(AuthCounter()).fetch("/tasks/12/resolve/?fileuri=czM6Ly9idWNrZXQvYS5wbmc=")
+    assert image_server.requests[0].headers["authorization"] == f"Token {TOKEN}"
+
+
+def test_without_a_token_other_label_studio_paths_are_fetched(image_server, real_images, fetcher_for):
+    url = image_server.add("a.png", real_images.files["retina_0.png"])  # no credentials in play
+    assert fetcher_for().fetch(url).size == (28, 28)
 
 
 # --- the cache ---------------------------------------------------------------------------------------
@@ -304,10 +350,10 @@ def test_data_uri_over_byte_limit_is_refused(fetcher_for, real_images):
 
 def test_redirect_to_disallowed_host_is_refused(image_server, real_images, fetcher_for):
     image_server.add("a.png", real_images.files["retina_0.png"])
-    target = image_server.url("/a.png", host="localhost")
+    add_redirect(image_server, "/data/upload/1/moved.png", image_server.url("/a.png", host="localhost"))
     with pytest.raises(ImageError, match="redirected to .*localhost.* is not allowed"):
-        fetcher_for(AuthCounter()).fetch(image_server.url("/redirect?to=" + quote(target, safe="")))
-    assert [r.path.split("?")[0] for r in image_server.requests] == ["/redirect"]
+        fetcher_for(AuthCounter()).fetch(image_server.url("/data/upload/1/moved.png"))
+    assert [r.path.split("?")[0] for r in image_server.requests] == ["/data/upload/1/moved.png"]
 
 
 def test_redirect_to_file_scheme_is_refused(image_server, fetcher_for):
@@ -345,8 +391,9 @@ def test_404(image_server, fetcher_for):
 
 
 def test_401_from_label_studio_hints_at_the_token(image_server, fetcher_for):
+    image_server.routes["/data/upload/1/a.png"] = lambda handler, query: handler.answer(401, b"no\n")
     with pytest.raises(ImageError, match=r"HTTP 401.*LABEL_STUDIO_API_KEY"):
-        fetcher_for(AuthCounter()).fetch("/status/401")
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/a.png")
 
 
 def test_connection_refused(fetcher_for):
@@ -427,10 +474,10 @@ def test_huge_declared_size_refused(image_server, fetcher_for):
 
 def test_messages_and_logs_hide_secrets(image_server, real_images, fetcher_for, caplog):
     caplog.set_level(logging.DEBUG)
-    image_server.add("a.png", real_images.files["retina_0.png"])
-    fetcher_for(AuthCounter()).fetch("/a.png?sig=SECRETSIG")
+    image_server.add("data/upload/1/a.png", real_images.files["retina_0.png"])
+    fetcher_for(AuthCounter()).fetch("/data/upload/1/a.png?sig=SECRETSIG")
     with pytest.raises(ImageError) as info:
-        fetcher_for(AuthCounter()).fetch("/missing.png?X-Amz-Signature=SECRETSIG&d=sub/x.png")
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/missing.png?X-Amz-Signature=SECRETSIG&d=sub/x.png")
     message = str(info.value)
     assert "SECRETSIG" not in message and "X-Amz-Signature=***" in message and "d=sub/x.png" in message
     with pytest.raises(ImageError) as info:
