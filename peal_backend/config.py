@@ -99,6 +99,9 @@ class Settings:
     fetch_timeout: float = _env("PEAL_FETCH_TIMEOUT", 10.0, "Seconds before an image fetch gives up.", float)
     max_image_bytes: int = _env("PEAL_MAX_IMAGE_BYTES", 50_000_000, "Largest image file fetched, in bytes.", int)
     max_image_pixels: int = _env("PEAL_MAX_IMAGE_PIXELS", 100_000_000, "Largest decoded image, in pixels (decompression-bomb guard).", int)
+    decode_max_side: int = _env("PEAL_DECODE_MAX_SIDE", 1024, "Fetched images are decoded reduced (by a whole factor) until their longer side "
+                                "is under twice this, so a small file declaring many pixels cannot take gigabytes. "
+                                "At least PEAL_IMAGE_SIZE.", int)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -107,6 +110,9 @@ class Settings:
                 raise SettingsError(f"{f.metadata['env']}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         if self.image_size < 0 or self.batch_size <= 0 or self.inference_batch_size <= 0:
             raise SettingsError("PEAL_IMAGE_SIZE must be >= 0, PEAL_BATCH_SIZE and PEAL_INFERENCE_BATCH_SIZE positive")
+        if self.decode_max_side <= 0 or self.decode_max_side < self.image_size:
+            raise SettingsError(f"PEAL_DECODE_MAX_SIDE={self.decode_max_side}: must be positive and at least "
+                                f"PEAL_IMAGE_SIZE ({self.image_size})")
         if not 0 < self.candidate_fraction <= 1:
             raise SettingsError(f"PEAL_CANDIDATE_FRACTION={self.candidate_fraction}: must be in (0, 1]")
 

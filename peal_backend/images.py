@@ -14,7 +14,9 @@ under a few rules that keep a backend exposed to arbitrary task data safe:
   there only to its media routes (/data/upload/, /data/local-files/, /tasks|projects/<id>/resolve/);
   with a token, other paths on Label Studio (its API) and paths with `..` segments are refused;
 - bodies are streamed under a byte limit and an overall deadline;
-- width x height is checked from the image header before any pixel is decoded (decompression bombs);
+- width x height is checked from the image header before any pixel is decoded (decompression bombs),
+  and a large image is decoded reduced to about PEAL_DECODE_MAX_SIDE (JPEG at up to 1/8 scale; others
+  reduced right after decoding), so one is never held full-size as RGB;
 - URLs in messages and logs have their credentials and query values hidden.
 
 Fetched bodies are cached on disk, keyed by the URL's sha256, so a URL is downloaded once.
@@ -27,6 +29,7 @@ import binascii
 import hashlib
 import io
 import logging
+import math
 import numbers
 import os
 import re
@@ -42,7 +45,7 @@ import torch
 import urllib3
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .config import Settings
 
@@ -165,12 +168,16 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, source: str = "", max_side: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB image; ImageError (naming `source`) if they are not a usable image.
 
-    The pixel count is checked from the header before decoding. EXIF orientation is applied (browsers,
-    hence annotators, see images upright); transparency is composited on white; 16-bit and float
-    images are stretched from their own min..max to 0..255.
+    The pixel count is checked from the header before decoding. With `max_side`, a larger image is
+    returned reduced by a whole factor (box filter, aspect kept) so that its longer side is under
+    2 x max_side: a 12 KB PNG can declare 100 M pixels, and a full-size RGB copy of it (plus the float
+    copies that 16-bit images need) took gigabytes. JPEGs are decoded reduced (up to 1/8) in the first
+    place; other formats are decoded full-size in their own mode, reduced, and only then converted.
+    EXIF orientation is applied (browsers, hence annotators, see images upright); transparency is
+    composited on white; 16-bit and float images are stretched from their own min..max to 0..255.
     """
     if not data:
         raise ImageError(source, "empty body")
@@ -189,11 +196,53 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Ima
         raise ImageError(source, f"too many pixels: {width}x{height} = {width * height} > {max_pixels} "
                                  "(decompression-bomb guard, PEAL_MAX_IMAGE_PIXELS)")
     try:
+        if max_side and max(width, height) >= 2 * max_side:
+            image.draft(None, _reduced_size(image.size, max(width, height) / max_side))  # JPEG only; a no-op otherwise
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        orientation = image.getexif().get(_EXIF_ORIENTATION)  # read before _shrink: a resized copy has no EXIF
+        if max_side:
+            image = _shrink(image, max_side)
+        image = _to_rgb(image)
+        return image.transpose(_EXIF_TRANSPOSE[orientation]) if orientation in _EXIF_TRANSPOSE else image
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError...
         raise ImageError(source, f"corrupt or truncated {image.format or ''} image "
                                  f"({type(exc).__name__}: {exc})".replace("  ", " ")) from None
+
+
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation value -> the transpose that shows the image upright (values from the EXIF standard)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _reduced_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, math.ceil(size[0] / factor)), max(1, math.ceil(size[1] / factor))
+
+
+# Modes Image.reduce handles; the others are converted (a strip at a time) to the mode given here.
+_REDUCIBLE = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "PA"}
+_STRIP_PIXELS = 1 << 20
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """`image` box-filtered down by a whole factor until its longer side is under 2 x max_side."""
+    factor = max(image.size) // max_side
+    if factor < 2:
+        return image
+    if image.mode in _REDUCIBLE:
+        return image.reduce(factor)
+    # "1", "P", 16-bit: a full-size converted copy would cost up to 4 bytes a pixel more (the 100 MB
+    # "1" image would take another 300 MB as RGB), so convert and reduce strips of whole boxes instead.
+    mode = {"1": "L", "P": "RGBA" if "transparency" in image.info else "RGB"}.get(
+        image.mode, "I" if image.mode.startswith("I;16") else "RGB")
+    width, height = image.size
+    out = Image.new(mode, _reduced_size(image.size, factor))
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height))).convert(mode)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -298,23 +347,27 @@ class ImageFetcher:
     def _get(self, url: str) -> tuple[bytes, Image.Image]:
         if isinstance(url, str) and url.strip().lower().startswith("data:"):
             data = _data_uri_bytes(url.strip(), self.settings.max_image_bytes)
-            return data, decode_image(data, max_pixels=self.settings.max_image_pixels, source=url)
+            return data, self._decode(data, url)
         url = self.resolve(url)
         cached = self._cache_read(url)
         if cached is not None:
             try:
-                return cached, decode_image(cached, max_pixels=self.settings.max_image_pixels, source=url)
+                return cached, self._decode(cached, url)
             except ImageError:
                 log.warning("discarding unreadable cache entry for %s", safe_url(url))
                 self._cache_remove(url)
         data, content_type = self._download(url)
         try:
-            image = decode_image(data, max_pixels=self.settings.max_image_pixels, source=url)
+            image = self._decode(data, url)
         except ImageError as exc:
             hint = f"; server sent Content-Type {content_type}" if content_type and not content_type.startswith("image/") else ""
             raise ImageError(url, exc.reason + hint) from None
         self._cache_write(url, data)
         return data, image
+
+    def _decode(self, data: bytes, url: str) -> Image.Image:
+        return decode_image(data, max_pixels=self.settings.max_image_pixels, source=url,
+                            max_side=self.settings.decode_max_side)
 
     def _check_allowed(self, url: str) -> _Target:
         """`url` parsed, if it may be fetched; ImageError naming the reason if not."""

@@ -524,6 +524,56 @@ def test_decode_applies_exif_orientation(real_images):
     assert decode_image(buf.getvalue(), max_pixels=10_000).size == (20, 40)
 
 
+def halves(mode: str, size=(3000, 1000)) -> Image.Image:
+    """A `mode` image whose left half is dark and right half light."""
+    dark, light = {"1": (0, 1), "I;16": (1000, 5000), "P": (0, 1), "L": (0, 255),
+                   "RGB": ((0, 0, 0), (255, 255, 255)), "RGBA": ((0, 0, 0, 255), (255, 255, 255, 255))}[mode]
+    image = Image.new(mode, size, dark)
+    if mode == "P":
+        image.putpalette([0, 0, 0, 255, 255, 255])
+    image.paste(light, (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "I;16", "RGB", "RGBA"])
+def test_large_png_is_decoded_reduced(mode):
+    # Decoding full-size 10000x10000 PNGs to RGB took +552 MiB (1-bit) and +2.7 GiB (16-bit) per image
+    image = decode_image(png_bytes(halves(mode)), max_pixels=10**8, max_side=256)
+    assert image.mode == "RGB" and image.size == (273, 91)  # reduced 11x: under 2 x 256, aspect kept
+    pixels = np.asarray(image)
+    assert (pixels[:, :130] == 0).all() and (pixels[:, 143:] == 255).all()
+
+
+def test_large_jpeg_is_decoded_reduced_and_upright():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    halves("RGB", (2000, 1000)).save(buf, format="JPEG", exif=exif)
+    image = decode_image(buf.getvalue(), max_pixels=10**8, max_side=100)
+    assert image.size == (63, 125)  # drafted to 1/8 (250x125), reduced 2x, then turned upright
+    pixels = np.asarray(image, dtype=int)
+    assert (pixels[:56] < 25).all() and (pixels[70:] > 230).all()  # turned clockwise: the light right half is below
+
+
+def test_small_images_are_not_reduced(real_images):
+    image = decode_image(real_images.bytes("retina_0.png"), max_pixels=10**8, max_side=15)
+    np.testing.assert_array_equal(np.asarray(image), real_images.arrays["retina_0.png"])  # 28 < 2 x 15
+
+
+def test_fetcher_decodes_to_decode_max_side(image_server, fetcher_for):
+    url = image_server.add("big.png", png_bytes(halves("1", (2048, 2048))))
+    assert fetcher_for(decode_max_side=256).fetch(url).size == (256, 256)
+    assert fetcher_for(decode_max_side=256).fetch(url).size == (256, 256)  # from the cache too
+
+
+def test_decode_max_side_below_image_size_is_refused():
+    from peal_backend.config import SettingsError
+    with pytest.raises(SettingsError, match="PEAL_DECODE_MAX_SIDE=100: .*at least PEAL_IMAGE_SIZE"):
+        Settings(decode_max_side=100, image_size=224)
+    with pytest.raises(SettingsError, match="PEAL_DECODE_MAX_SIDE=0"):
+        Settings.from_env({"PEAL_DECODE_MAX_SIDE": "0"})
+
+
 def test_decode_names_the_source():
     with pytest.raises(ImageError, match=r"^image 'task 7': not an image"):
         decode_image(b"\x00" * 100, max_pixels=100, source="task 7")
