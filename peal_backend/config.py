@@ -33,7 +33,7 @@ class Settings:
                           "Where model versions are stored: MODEL_DIR/<project>/<version>/. Share it between server and workers.")
     log_level: str = _env("LOG_LEVEL", "INFO", "Python logging level.")
     port: int = _env("PORT", 9090, "Port for `peal-backend serve`.", int)
-    basic_auth_user: str = _env("BASIC_AUTH_USER", "", "If set (with BASIC_AUTH_PASS), every endpoint but /health requires HTTP basic auth.")
+    basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS, every endpoint but /health requires HTTP basic auth (one without the other is refused).")
     basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for basic auth.")
     redis_url: str = _env("REDIS_URL", "",
                           "If set, training jobs go to an RQ queue on this Redis and `peal-backend worker` runs them; "
@@ -110,6 +110,11 @@ class Settings:
                 raise SettingsError(f"{f.metadata['env']}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         if self.image_size < 0 or self.batch_size <= 0 or self.inference_batch_size <= 0:
             raise SettingsError("PEAL_IMAGE_SIZE must be >= 0, PEAL_BATCH_SIZE and PEAL_INFERENCE_BATCH_SIZE positive")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            # one of the two alone used to leave every endpoint open while looking configured
+            given, missing = (("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if self.basic_auth_user
+                              else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER"))
+            raise SettingsError(f"{given} is set but {missing} is empty: set both to require basic auth, or neither")
         if self.decode_max_side <= 0 or self.decode_max_side < self.image_size:
             raise SettingsError(f"PEAL_DECODE_MAX_SIDE={self.decode_max_side}: must be positive and at least "
                                 f"PEAL_IMAGE_SIZE ({self.image_size})")

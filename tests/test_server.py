@@ -16,7 +16,7 @@ import requests
 import torch
 
 from peal_backend.backbone import build_classifier
-from peal_backend.config import Settings
+from peal_backend.config import Settings, SettingsError
 from peal_backend.images import preprocess, to_pil
 from peal_backend.jobs import make_queue
 from peal_backend.model import model_settings, parse_label_config, LabelConfigError
@@ -192,6 +192,31 @@ def test_basic_auth(settings, tmp_path):
     good = base64.b64encode(b"annotator:s3cret").decode()
     r = c.post("/setup", json={"project": PROJECT, "schema": CONFIG}, headers={"Authorization": f"Basic {good}"})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("env, given, missing", [
+    ({"BASIC_AUTH_PASS": "s3cret"}, "BASIC_AUTH_PASS", "BASIC_AUTH_USER"),
+    ({"BASIC_AUTH_USER": "annotator"}, "BASIC_AUTH_USER", "BASIC_AUTH_PASS"),
+])
+def test_half_configured_basic_auth_refuses_to_start(env, given, missing):
+    # one of the two alone left every endpoint open
+    message = f"{given} is set but {missing} is empty"
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH_")}
+    for command in ("serve", "worker"):  # the CLI reads the settings before it starts either
+        done = subprocess.run([sys.executable, "-m", "peal_backend.cli", command], env={**clean, **env},
+                              capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, (command, done.stderr[-500:])
+
+
+def test_worker_rebuilds_a_basic_auth_servers_settings_without_its_credentials(settings):
+    from peal_backend.jobs import settings_from_payload, settings_payload
+    server = settings.replace(basic_auth_user="annotator", basic_auth_pass="s3cret")
+    payload = settings_payload(server)
+    assert "s3cret" not in str(payload) and "annotator" not in str(payload)
+    rebuilt = settings_from_payload(payload, local=Settings())
+    assert (rebuilt.basic_auth_user, rebuilt.basic_auth_pass, rebuilt.backbone) == ("", "", server.backbone)
 
 
 # --- a real gunicorn process --------------------------------------------------------------------------
