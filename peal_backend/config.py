@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 
 class SettingsError(ValueError):
@@ -157,9 +158,20 @@ class Settings:
         for key in ("label_studio_api_key", "basic_auth_pass"):
             if out[key]:
                 out[key] = "***"
-        if out["redis_url"] and "@" in out["redis_url"]:
-            out["redis_url"] = "redis://***@" + out["redis_url"].split("@", 1)[1]
+        for key in ("redis_url", "label_studio_url"):
+            out[key] = hide_url_secrets(out[key])
         return out
+
+
+def hide_url_secrets(url: str) -> str:
+    """`url` with its user:password and its query (redis-py reads `?password=`) shown as ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    # the host is after the last @: a password may itself contain @
+    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 def _parse(name: str, raw: str, kind) -> Any:

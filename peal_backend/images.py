@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from typing import Callable, Sequence
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_plus, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 import requests
@@ -47,7 +47,7 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 from PIL import Image, UnidentifiedImageError
 
-from .config import Settings
+from .config import Settings, hide_url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # Query parameters that are paths, not secrets: shown as they are in messages.
 _PLAIN_QUERY_KEYS = {"d", "fileuri"}
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _AMBIGUOUS = re.compile(r"[\x00-\x1f\x7f\\]")
 # Label Studio's media routes, below its base path: the only paths its API token is sent to.
@@ -80,15 +81,27 @@ class ImageError(Exception):
 # --- URLs ----------------------------------------------------------------------------------------
 
 def safe_url(url: str) -> str:
-    """`url` with user:password, query values (but Label Studio's `d=` paths) and fragment hidden."""
+    """`url` with user:password, query values (but Label Studio's `d=` paths) and fragment hidden.
+
+    Query keys are read percent-decoded (`X%2DAmz%2DSignature` is X-Amz-Signature); a key that is not
+    a plain name, or a bare `?token` without `=`, is hidden too.
+    """
     if not url or url.startswith("data:"):
         return url[:40] + ("..." if len(url) > 40 else "")
     try:
         parts = urlsplit(url)
         netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-        query = urlencode([(k, v if k.lower() in _PLAIN_QUERY_KEYS else "***")
-                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        pairs = []
+        for field in filter(None, parts.query.split("&")):
+            raw_key, eq, raw_value = field.partition("=")
+            key = unquote_plus(raw_key)
+            if not eq:
+                pairs.append("***")
+            elif key.lower() in _PLAIN_QUERY_KEYS:
+                pairs.append(f"{key}={quote(unquote_plus(raw_value), safe='/')}")
+            else:
+                pairs.append(f"{key if _PLAIN_KEY.fullmatch(key) else '***'}=***")
+        return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pairs), ""))
     except ValueError:
         return "<unparseable url>"
 
@@ -107,7 +120,7 @@ class _Target:
     what the parsers could disagree on (backslashes, control characters, user@ credentials) is refused.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, credentials_ok: bool = False):
         bad = _AMBIGUOUS.search(url)
         if bad:
             what = "a backslash" if bad.group() == "\\" else f"control character {bad.group()!r}"
@@ -121,7 +134,8 @@ class _Target:
             raise ValueError("not an absolute http(s) URL")
         if self.scheme not in _DEFAULT_PORTS:
             raise _SchemeError(f"scheme {self.scheme!r} is not allowed (only http and https)")
-        if parsed.auth is not None:
+        self.auth = parsed.auth
+        if self.auth is not None and not credentials_ok:
             raise ValueError("credentials (user@host) in the URL are not allowed")
         if not parsed.host:
             raise ValueError("not an absolute http(s) URL (no host)")
@@ -309,10 +323,11 @@ class ImageFetcher:
         self.auth_headers = auth_headers
         self.base_url = settings.label_studio_url.rstrip("/")
         try:
-            self.ls_origin = _Target(self.base_url).origin
-        except ValueError:
-            raise ValueError(f"LABEL_STUDIO_URL={settings.label_studio_url!r}: not an absolute http(s) URL") from None
-        self.ls_path = _Target(self.base_url).path.rstrip("/")  # e.g. /label-studio, or empty
+            base = _Target(self.base_url, credentials_ok=True)
+        except ValueError as exc:
+            raise ValueError(f"LABEL_STUDIO_URL={hide_url_secrets(settings.label_studio_url)!r}: {exc}") from None
+        self.ls_origin, self.ls_auth = base.origin, base.auth
+        self.ls_path = base.path.rstrip("/")  # e.g. /label-studio, or empty
         self.allowed = settings.allowed_host_list
         self.cache_dir = settings.image_cache_dir
         self._local = threading.local()
@@ -372,7 +387,8 @@ class ImageFetcher:
     def _check_allowed(self, url: str) -> _Target:
         """`url` parsed, if it may be fetched; ImageError naming the reason if not."""
         try:
-            target = _Target(url)
+            # user@ is allowed only as LABEL_STUDIO_URL's own, which relative task URLs inherit
+            target = _Target(url, credentials_ok=self.ls_auth is not None and url.startswith(self.base_url + "/"))
         except ValueError as exc:
             raise ImageError(url, str(exc)) from None
         if target.origin[1:] == self.ls_origin[1:]:
@@ -535,9 +551,10 @@ def _data_uri_bytes(uri: str, limit: int) -> bytes:
 
 
 def _scrub(message: str, url: str) -> str:
-    """An exception message with the URL's secrets (query, credentials) removed."""
+    """An exception message with the URL's secrets removed: its credentials, and any query string in
+    it (requests re-encodes the URL, so the query in the message need not match the one we sent)."""
     parts = urlsplit(url)
-    for secret in (parts.query, parts.username, parts.password):
+    for secret in (parts.username, parts.password):
         if secret:
             message = message.replace(secret, "***")
-    return message
+    return re.sub(r"\?[^\s'\")]+", "?***", message)

@@ -101,8 +101,9 @@ def resolve_job(path: str) -> Callable:
 
 def _secrets(settings: Settings) -> list[str]:
     found = [settings.label_studio_api_key, settings.basic_auth_pass]
-    if "@" in settings.redis_url:  # redis://user:password@host: the credentials part
-        found.append(settings.redis_url.split("://", 1)[-1].rsplit("@", 1)[0])
+    for url in (settings.redis_url, settings.label_studio_url):
+        if "@" in url:  # scheme://user:password@host: the credentials part
+            found.append(url.split("://", 1)[-1].rsplit("@", 1)[0])
     return [s for s in found if s]
 
 

@@ -493,6 +493,21 @@ def test_safe_url():
     assert safe_url("/data/local-files/?d=sub/img.png") == "/data/local-files/?d=sub/img.png"
 
 
+@pytest.mark.parametrize("query", [
+    "X%2DAmz%2DSignature=SECRETSIG",   # the key percent-encoded
+    "X-Amz-Signature%3DSECRETSIG",     # the = percent-encoded: one odd key, no value
+    "SECRETSIG",                       # a bare token
+    "sig=SECRET%53IG",                 # the value percent-encoded
+])
+def test_percent_encoded_query_secrets_are_hidden(fetcher_for, query, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = f"http://127.0.0.1:{free_port()}/a.png?{query}&d=sub/x.png"  # connection refused
+    with pytest.raises(ImageError) as info:
+        fetcher_for(allowed_hosts="*").fetch(url)
+    text = str(info.value) + "\n" + caplog.text
+    assert "request failed" in text and "SECRET" not in text and "d=sub/x.png" in str(info.value)
+
+
 def test_image_error_pickles():
     error = ImageError("http://h/a.png?token=abc", "HTTP 404")
     copy = pickle.loads(pickle.dumps(error))

@@ -181,6 +181,21 @@ def test_versions_and_metrics(client, settings):
     assert m["latest_versions"] == {"7": name} and "label_studio_api_key" in m["settings"]
 
 
+def test_metrics_hide_passwords_in_urls(settings):
+    exposed = settings.replace(redis_url="redis://:p@ssREDISPW@127.0.0.1:6379/0?password=QUERYPW",
+                               label_studio_url="http://admin:LSPW@127.0.0.1:1/ls")
+    queue = make_queue(settings, job="tests.jobfuncs.scripted")  # the embedded queue: nothing to connect to
+    try:
+        r = create_app(exposed, queue=queue).test_client().get("/metrics")
+    finally:
+        queue.close()
+    assert r.status_code == 200
+    shown = r.json["settings"]
+    assert shown["redis_url"] == "redis://***@127.0.0.1:6379/0?***"
+    assert shown["label_studio_url"] == "http://***@127.0.0.1:1/ls"
+    assert not [pw for pw in ("REDISPW", "ssREDISPW", "QUERYPW", "LSPW") if pw in r.get_data(as_text=True)]
+
+
 def test_basic_auth(settings, tmp_path):
     s = settings.replace(basic_auth_user="annotator", basic_auth_pass="s3cret")
     c = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
