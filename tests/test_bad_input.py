@@ -266,6 +266,28 @@ def test_predict_payload_errors_name_the_field(client, payload, message):
     assert r.status_code == 400 and message in r.json["error"], r.json
 
 
+HUGE_ID = "9" * 300
+
+
+@pytest.mark.parametrize("method, path, payload", [
+    ("post", "/webhook", {"action": "START_TRAINING", "project": HUGE_ID}),
+    ("post", "/webhook", {"action": "ANNOTATION_CREATED", "project": int(HUGE_ID)}),
+    ("post", "/predict", {"tasks": [], "project": HUGE_ID + ".1700000000", "label_config": CONFIG}),
+    ("post", "/setup", {"project": str(2 ** 63), "schema": CONFIG}),
+    ("get", f"/versions?project={HUGE_ID}", None),
+    ("get", f"/jobs/{HUGE_ID}", None),
+])
+def test_huge_project_ids_are_a_400_naming_the_field(client, method, path, payload):
+    # a 300-digit id made a file name too long: a 500
+    r = getattr(client, method)(path, json=payload) if payload is not None else getattr(client, method)(path)
+    assert r.status_code == 400 and "'project'" in r.json["error"], (r.status_code, r.json)
+
+
+def test_largest_project_id_is_accepted(client):
+    r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": 2 ** 63 - 1})
+    assert r.status_code == 200
+
+
 NO_IMAGE = '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>'
 NO_CHOICES = '<View><Image name="i" value="$i"/><Labels name="l" toName="i"><Label value="a"/></Labels></View>'
 UNLINKED = ('<View><Image name="i" value="$i"/><Text name="t" value="$t"/>'

@@ -272,6 +272,23 @@ def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_ser
     assert r.status_code == 400
 
 
+def test_real_gunicorn_refuses_a_chunked_body_over_the_limit_with_413(gunicorn_backend):
+    from peal_backend.server import MAX_BODY_BYTES
+
+    def chunks():  # no Content-Length: requests sends a generator with Transfer-Encoding: chunked
+        yield b'{"tasks": ["'
+        block = b"x" * (1 << 20)
+        for _ in range(MAX_BODY_BYTES // len(block)):
+            yield block
+        yield b'"]}'
+
+    r = requests.post(gunicorn_backend + "/webhook", data=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "32 MiB" in r.json()["error"], (r.status_code, r.text[:300])
+    small = requests.post(gunicorn_backend + "/webhook", data=iter([b'{"action": "PROJECT_UPDATED", "project": 7}']),
+                          headers={"Content-Type": "application/json"})
+    assert small.status_code == 200  # a chunked body under the limit is read whole
+
+
 def test_webhook_answers_at_once_while_a_training_runs(client, settings):
     """Label Studio waits at most 1 s for a webhook; a running training must not hold it up."""
     queue = client.application.extensions["peal"]["get_queue"]()
