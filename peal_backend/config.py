@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 
 class SettingsError(ValueError):
@@ -33,7 +34,7 @@ class Settings:
                           "Where model versions are stored: MODEL_DIR/<project>/<version>/. Share it between server and workers.")
     log_level: str = _env("LOG_LEVEL", "INFO", "Python logging level.")
     port: int = _env("PORT", 9090, "Port for `peal-backend serve`.", int)
-    basic_auth_user: str = _env("BASIC_AUTH_USER", "", "If set (with BASIC_AUTH_PASS), every endpoint but /health requires HTTP basic auth.")
+    basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS, every endpoint but /health requires HTTP basic auth (one without the other is refused).")
     basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for basic auth.")
     redis_url: str = _env("REDIS_URL", "",
                           "If set, training jobs go to an RQ queue on this Redis and `peal-backend worker` runs them; "
@@ -113,6 +114,9 @@ class Settings:
     fetch_timeout: float = _env("PEAL_FETCH_TIMEOUT", 10.0, "Seconds before an image fetch gives up.", float)
     max_image_bytes: int = _env("PEAL_MAX_IMAGE_BYTES", 50_000_000, "Largest image file fetched, in bytes.", int)
     max_image_pixels: int = _env("PEAL_MAX_IMAGE_PIXELS", 100_000_000, "Largest decoded image, in pixels (decompression-bomb guard).", int)
+    decode_max_side: int = _env("PEAL_DECODE_MAX_SIDE", 1024, "Fetched images are decoded reduced (by a whole factor) until their longer side "
+                                "is under twice this, so a small file declaring many pixels cannot take gigabytes. "
+                                "At least PEAL_IMAGE_SIZE.", int)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -121,6 +125,14 @@ class Settings:
                 raise SettingsError(f"{f.metadata['env']}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         if self.image_size < 0 or self.batch_size <= 0 or self.inference_batch_size <= 0:
             raise SettingsError("PEAL_IMAGE_SIZE must be >= 0, PEAL_BATCH_SIZE and PEAL_INFERENCE_BATCH_SIZE positive")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            # one of the two alone used to leave every endpoint open while looking configured
+            given, missing = (("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if self.basic_auth_user
+                              else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER"))
+            raise SettingsError(f"{given} is set but {missing} is empty: set both to require basic auth, or neither")
+        if self.decode_max_side <= 0 or self.decode_max_side < self.image_size:
+            raise SettingsError(f"PEAL_DECODE_MAX_SIDE={self.decode_max_side}: must be positive and at least "
+                                f"PEAL_IMAGE_SIZE ({self.image_size})")
         if not 0 < self.candidate_fraction <= 1:
             raise SettingsError(f"PEAL_CANDIDATE_FRACTION={self.candidate_fraction}: must be in (0, 1]")
 
@@ -160,9 +172,20 @@ class Settings:
         for key in ("label_studio_api_key", "basic_auth_pass"):
             if out[key]:
                 out[key] = "***"
-        if out["redis_url"] and "@" in out["redis_url"]:
-            out["redis_url"] = "redis://***@" + out["redis_url"].split("@", 1)[1]
+        for key in ("redis_url", "label_studio_url"):
+            out[key] = hide_url_secrets(out[key])
         return out
+
+
+def hide_url_secrets(url: str) -> str:
+    """`url` with its user:password and its query (redis-py reads `?password=`) shown as ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    # the host is after the last @: a password may itself contain @
+    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 def _parse(name: str, raw: str, kind) -> Any:

@@ -5,11 +5,18 @@ Studio, need its API token) or absolute `http(s)://...`. `ImageFetcher` turns th
 under a few rules that keep a backend exposed to arbitrary task data safe:
 
 - only http and https (and inline `data:image/...;base64,` URIs); never file://, ftp://, ...
+- a URL is parsed once, by urllib3's parser (the one that connects), and requested in that canonical
+  form; URLs that parsers read differently (backslashes, control characters, user@ credentials) are
+  refused;
 - only the Label Studio host and the hosts in PEAL_ALLOWED_HOSTS (`*` = any, `*.example.com` =
   its subdomains); redirects (at most 3) are followed by hand and re-checked at every hop;
-- Label Studio's auth headers go only to Label Studio's own origin, never to a redirect elsewhere;
+- Label Studio's auth headers go only to Label Studio's own origin, never to a redirect elsewhere, and
+  there only to its media routes (/data/upload/, /data/local-files/, /tasks|projects/<id>/resolve/);
+  with a token, other paths on Label Studio (its API) and paths with `..` segments are refused;
 - bodies are streamed under a byte limit and an overall deadline;
-- width x height is checked from the image header before any pixel is decoded (decompression bombs);
+- width x height is checked from the image header before any pixel is decoded (decompression bombs),
+  and a large image is decoded reduced to about PEAL_DECODE_MAX_SIDE (JPEG at up to 1/8 scale; others
+  reduced right after decoding), so one is never held full-size as RGB;
 - URLs in messages and logs have their credentials and query values hidden.
 
 Fetched bodies are cached on disk, keyed by the URL's sha256, so a URL is downloaded once.
@@ -22,6 +29,7 @@ import binascii
 import hashlib
 import io
 import logging
+import math
 import numbers
 import os
 import re
@@ -29,15 +37,17 @@ import tempfile
 import threading
 import time
 from typing import Callable, Sequence
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_plus, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 import requests
 import torch
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+from PIL import Image, UnidentifiedImageError
 
-from .config import Settings
+from .config import Settings, hide_url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,12 @@ _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # Query parameters that are paths, not secrets: shown as they are in messages.
 _PLAIN_QUERY_KEYS = {"d", "fileuri"}
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_AMBIGUOUS = re.compile(r"[\x00-\x1f\x7f\\]")
+# Label Studio's media routes, below its base path: the only paths its API token is sent to.
+_MEDIA_ROUTES = re.compile(r"/data/upload/.+|/data/local-files/?|/(tasks|projects)/\d+/(resolve|presign)/?")
+_ENCODED_DOT_OR_SLASH = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 
 
 class ImageError(Exception):
@@ -66,26 +81,81 @@ class ImageError(Exception):
 # --- URLs ----------------------------------------------------------------------------------------
 
 def safe_url(url: str) -> str:
-    """`url` with user:password, query values (but Label Studio's `d=` paths) and fragment hidden."""
+    """`url` with user:password, query values (but Label Studio's `d=` paths) and fragment hidden.
+
+    Query keys are read percent-decoded (`X%2DAmz%2DSignature` is X-Amz-Signature); a key that is not
+    a plain name, or a bare `?token` without `=`, is hidden too.
+    """
     if not url or url.startswith("data:"):
         return url[:40] + ("..." if len(url) > 40 else "")
     try:
         parts = urlsplit(url)
         netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-        query = urlencode([(k, v if k.lower() in _PLAIN_QUERY_KEYS else "***")
-                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        pairs = []
+        for field in filter(None, parts.query.split("&")):
+            raw_key, eq, raw_value = field.partition("=")
+            key = unquote_plus(raw_key)
+            if not eq:
+                pairs.append("***")
+            elif key.lower() in _PLAIN_QUERY_KEYS:
+                pairs.append(f"{key}={quote(unquote_plus(raw_value), safe='/')}")
+            else:
+                pairs.append(f"{key if _PLAIN_KEY.fullmatch(key) else '***'}=***")
+        return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pairs), ""))
     except ValueError:
         return "<unparseable url>"
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an absolute http(s) URL; ValueError if it has none."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if not parts.hostname:
-        raise ValueError("no host")
-    return scheme, parts.hostname.lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
+class _SchemeError(ValueError):
+    """The URL's scheme is not http or https."""
+
+
+class _Target:
+    """An absolute http(s) URL as urllib3 (hence requests) reads it: the parser that connects.
+
+    Checking the host with one parser and connecting with another let a task URL such as
+    `http://evil:81\\@label-studio/data/upload/1/a.png` pass as Label Studio (Python's urlsplit takes the
+    host after the last `@`) while urllib3 connected to `evil` (it ends the host at the backslash), with
+    the API token. So a URL is parsed once, here; `url` is its canonical form, the one requested, and
+    what the parsers could disagree on (backslashes, control characters, user@ credentials) is refused.
+    """
+
+    def __init__(self, url: str, credentials_ok: bool = False):
+        bad = _AMBIGUOUS.search(url)
+        if bad:
+            what = "a backslash" if bad.group() == "\\" else f"control character {bad.group()!r}"
+            raise ValueError(f"URL contains {what}; refused because URL parsers disagree on such URLs")
+        try:
+            parsed = parse_url(url)
+        except LocationParseError as exc:
+            raise ValueError(f"unparseable URL ({str(exc).split(': ', 1)[-1][:100]})") from None
+        self.scheme = (parsed.scheme or "").lower()
+        if not parsed.scheme or "://" not in url:
+            raise ValueError("not an absolute http(s) URL")
+        if self.scheme not in _DEFAULT_PORTS:
+            raise _SchemeError(f"scheme {self.scheme!r} is not allowed (only http and https)")
+        self.auth = parsed.auth
+        if self.auth is not None and not credentials_ok:
+            raise ValueError("credentials (user@host) in the URL are not allowed")
+        if not parsed.host:
+            raise ValueError("not an absolute http(s) URL (no host)")
+        self.host = parsed.host.lower()
+        self.port = parsed.port or _DEFAULT_PORTS[self.scheme]
+        self.path = parsed.path or "/"
+        # urllib3 removes `.`/`..` segments and servers decode %2e, %2f: either way a path that looked
+        # like a media route can reach another one (/data/upload/../../api/users/).
+        raw_path = urlsplit(url).path
+        self.traverses = (any(segment in (".", "..") for segment in raw_path.split("/"))
+                          or bool(_ENCODED_DOT_OR_SLASH.search(raw_path)))
+        self.url = parsed._replace(fragment=None).url
+        # requests' adapter picks its connection pool with urllib.parse; both must see the same host.
+        other = urlsplit(self.url)
+        if ((other.hostname or "").lower(), other.port or _DEFAULT_PORTS[self.scheme]) != (self.host.strip("[]"), self.port):
+            raise ValueError("URL parsers disagree on its host; refused")
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
 
 
 def _host_matches(entry: str, host: str, port: int) -> bool:
@@ -112,12 +182,16 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, source: str = "", max_side: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB image; ImageError (naming `source`) if they are not a usable image.
 
-    The pixel count is checked from the header before decoding. EXIF orientation is applied (browsers,
-    hence annotators, see images upright); transparency is composited on white; 16-bit and float
-    images are stretched from their own min..max to 0..255.
+    The pixel count is checked from the header before decoding. With `max_side`, a larger image is
+    returned reduced by a whole factor (box filter, aspect kept) so that its longer side is under
+    2 x max_side: a 12 KB PNG can declare 100 M pixels, and a full-size RGB copy of it (plus the float
+    copies that 16-bit images need) took gigabytes. JPEGs are decoded reduced (up to 1/8) in the first
+    place; other formats are decoded full-size in their own mode, reduced, and only then converted.
+    EXIF orientation is applied (browsers, hence annotators, see images upright); transparency is
+    composited on white; 16-bit and float images are stretched from their own min..max to 0..255.
     """
     if not data:
         raise ImageError(source, "empty body")
@@ -136,11 +210,53 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Ima
         raise ImageError(source, f"too many pixels: {width}x{height} = {width * height} > {max_pixels} "
                                  "(decompression-bomb guard, PEAL_MAX_IMAGE_PIXELS)")
     try:
+        if max_side and max(width, height) >= 2 * max_side:
+            image.draft(None, _reduced_size(image.size, max(width, height) / max_side))  # JPEG only; a no-op otherwise
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        orientation = image.getexif().get(_EXIF_ORIENTATION)  # read before _shrink: a resized copy has no EXIF
+        if max_side:
+            image = _shrink(image, max_side)
+        image = _to_rgb(image)
+        return image.transpose(_EXIF_TRANSPOSE[orientation]) if orientation in _EXIF_TRANSPOSE else image
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError...
         raise ImageError(source, f"corrupt or truncated {image.format or ''} image "
                                  f"({type(exc).__name__}: {exc})".replace("  ", " ")) from None
+
+
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation value -> the transpose that shows the image upright (values from the EXIF standard)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _reduced_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, math.ceil(size[0] / factor)), max(1, math.ceil(size[1] / factor))
+
+
+# Modes Image.reduce handles; the others are converted (a strip at a time) to the mode given here.
+_REDUCIBLE = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "PA"}
+_STRIP_PIXELS = 1 << 20
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """`image` box-filtered down by a whole factor until its longer side is under 2 x max_side."""
+    factor = max(image.size) // max_side
+    if factor < 2:
+        return image
+    if image.mode in _REDUCIBLE:
+        return image.reduce(factor)
+    # "1", "P", 16-bit: a full-size converted copy would cost up to 4 bytes a pixel more (the 100 MB
+    # "1" image would take another 300 MB as RGB), so convert and reduce strips of whole boxes instead.
+    mode = {"1": "L", "P": "RGBA" if "transparency" in image.info else "RGB"}.get(
+        image.mode, "I" if image.mode.startswith("I;16") else "RGB")
+    width, height = image.size
+    out = Image.new(mode, _reduced_size(image.size, factor))
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height))).convert(mode)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -207,9 +323,11 @@ class ImageFetcher:
         self.auth_headers = auth_headers
         self.base_url = settings.label_studio_url.rstrip("/")
         try:
-            self.ls_origin = _origin(self.base_url)
-        except ValueError:
-            raise ValueError(f"LABEL_STUDIO_URL={settings.label_studio_url!r}: not an absolute http(s) URL") from None
+            base = _Target(self.base_url, credentials_ok=True)
+        except ValueError as exc:
+            raise ValueError(f"LABEL_STUDIO_URL={hide_url_secrets(settings.label_studio_url)!r}: {exc}") from None
+        self.ls_origin, self.ls_auth = base.origin, base.auth
+        self.ls_path = base.path.rstrip("/")  # e.g. /label-studio, or empty
         self.allowed = settings.allowed_host_list
         self.cache_dir = settings.image_cache_dir
         self._local = threading.local()
@@ -237,47 +355,61 @@ class ImageFetcher:
             url = f"{self.ls_origin[0]}:{url}"
         elif url.startswith("/"):
             url = self.base_url + url  # keeps a path prefix such as http://host/label-studio
-        self._check_allowed(url)
-        return url
+        return self._check_allowed(url).url
 
     # internals
 
     def _get(self, url: str) -> tuple[bytes, Image.Image]:
         if isinstance(url, str) and url.strip().lower().startswith("data:"):
             data = _data_uri_bytes(url.strip(), self.settings.max_image_bytes)
-            return data, decode_image(data, max_pixels=self.settings.max_image_pixels, source=url)
+            return data, self._decode(data, url)
         url = self.resolve(url)
         cached = self._cache_read(url)
         if cached is not None:
             try:
-                return cached, decode_image(cached, max_pixels=self.settings.max_image_pixels, source=url)
+                return cached, self._decode(cached, url)
             except ImageError:
                 log.warning("discarding unreadable cache entry for %s", safe_url(url))
                 self._cache_remove(url)
         data, content_type = self._download(url)
         try:
-            image = decode_image(data, max_pixels=self.settings.max_image_pixels, source=url)
+            image = self._decode(data, url)
         except ImageError as exc:
             hint = f"; server sent Content-Type {content_type}" if content_type and not content_type.startswith("image/") else ""
             raise ImageError(url, exc.reason + hint) from None
         self._cache_write(url, data)
         return data, image
 
-    def _check_allowed(self, url: str) -> None:
+    def _decode(self, data: bytes, url: str) -> Image.Image:
+        return decode_image(data, max_pixels=self.settings.max_image_pixels, source=url,
+                            max_side=self.settings.decode_max_side)
+
+    def _check_allowed(self, url: str) -> _Target:
+        """`url` parsed, if it may be fetched; ImageError naming the reason if not."""
         try:
-            scheme, host, port = _origin(url)
+            # user@ is allowed only as LABEL_STUDIO_URL's own, which relative task URLs inherit
+            target = _Target(url, credentials_ok=self.ls_auth is not None and url.startswith(self.base_url + "/"))
         except ValueError as exc:
-            scheme = urlsplit(url).scheme.lower() if "://" in url else ""
-            if scheme and scheme not in _DEFAULT_PORTS:
-                raise ImageError(url, f"scheme {scheme!r} is not allowed (only http and https)") from None
-            raise ImageError(url, f"not an absolute http(s) URL ({exc})") from None
-        if scheme not in _DEFAULT_PORTS:
-            raise ImageError(url, f"scheme {scheme!r} is not allowed (only http and https)")
-        if (host, port) == self.ls_origin[1:]:
-            return
-        if not any(_host_matches(entry, host, port) for entry in self.allowed):
-            shown = f"{host}:{port}" if port != _DEFAULT_PORTS[scheme] else host
+            raise ImageError(url, str(exc)) from None
+        if target.origin[1:] == self.ls_origin[1:]:
+            if self.auth_headers is not None:
+                self._check_media_route(url, target)
+            return target
+        if not any(_host_matches(entry, target.host, target.port) for entry in self.allowed):
+            shown = f"{target.host}:{target.port}" if target.port != _DEFAULT_PORTS[target.scheme] else target.host
             raise ImageError(url, f"host {shown!r} is not allowed (add it to PEAL_ALLOWED_HOSTS)")
+        return target
+
+    def _check_media_route(self, url: str, target: _Target) -> None:
+        """The API token opens all of Label Studio's API: send it only to the routes that serve media."""
+        if target.traverses:
+            raise ImageError(url, "path has '.' or '..' segments or a percent-encoded '.', '/' or '\\'; "
+                                  "refused on Label Studio, which gets the API token")
+        route = target.path[len(self.ls_path):] if target.path.startswith(self.ls_path + "/") else ""
+        if not _MEDIA_ROUTES.fullmatch(route):
+            raise ImageError(url, f"path {target.path!r} is not one of Label Studio's media routes (/data/upload/, "
+                                  "/data/local-files/, /tasks/<id>/resolve/, /projects/<id>/resolve/); "
+                                  "the API token is sent only there")
 
     @property
     def _session(self) -> requests.Session:
@@ -291,9 +423,12 @@ class ImageFetcher:
         timeout = self.settings.fetch_timeout
         deadline = time.monotonic() + timeout
         started = time.monotonic()
+        target = self._check_allowed(url)
         for hop in range(MAX_REDIRECTS + 1):
+            url = target.url  # the URL requested is the one whose host was checked
+            to_label_studio = target.origin == self.ls_origin
             headers = {}
-            if self.auth_headers is not None and _origin(url) == self.ls_origin:
+            if self.auth_headers is not None and to_label_studio:
                 headers.update(self.auth_headers())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -313,16 +448,14 @@ class ImageFetcher:
                         raise ImageError(url, f"HTTP {response.status_code} redirect without a Location")
                     if hop == MAX_REDIRECTS:
                         raise ImageError(url, f"more than {MAX_REDIRECTS} redirects")
-                    target = urljoin(url, location)
                     try:
-                        self._check_allowed(target)
+                        target = self._check_allowed(urljoin(url, location))
                     except ImageError as exc:
                         raise ImageError(url, f"redirected to {exc.url!r}: {exc.reason}") from None
-                    url = target
                     continue
                 if response.status_code != 200:
                     hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) \
-                        and _origin(url) == self.ls_origin else ""
+                        and to_label_studio else ""
                     raise ImageError(url, f"HTTP {response.status_code} {response.reason or ''}".rstrip() + hint)
                 data = self._read_body(url, response, deadline)
                 log.debug("fetched %s: %d bytes in %.2f s", safe_url(url), len(data), time.monotonic() - started)
@@ -418,9 +551,10 @@ def _data_uri_bytes(uri: str, limit: int) -> bytes:
 
 
 def _scrub(message: str, url: str) -> str:
-    """An exception message with the URL's secrets (query, credentials) removed."""
+    """An exception message with the URL's secrets removed: its credentials, and any query string in
+    it (requests re-encodes the URL, so the query in the message need not match the one we sent)."""
     parts = urlsplit(url)
-    for secret in (parts.query, parts.username, parts.password):
+    for secret in (parts.username, parts.password):
         if secret:
             message = message.replace(secret, "***")
-    return message
+    return re.sub(r"\?[^\s'\")]+", "?***", message)

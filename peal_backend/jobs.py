@@ -49,7 +49,9 @@ LOCK_TTL = 30.0            # seconds a running/waiting lease lives without a hea
 JOB_TIMEOUT = 6 * 3600     # RQ kills a job after this many seconds (setting PEAL_JOB_TIMEOUT)
 MAX_ERROR_CHARS = 500
 MAX_RESULT_CHARS = 20_000
-_SECRET_FIELDS = ("label_studio_api_key", "basic_auth_pass", "redis_url")
+# Not sent to workers; they use their own. The basic-auth user travels with its password: a worker
+# given the server's user but its own empty password would refuse the half-configured pair.
+_SECRET_FIELDS = ("label_studio_api_key", "basic_auth_user", "basic_auth_pass", "redis_url")
 
 
 class QueueError(RuntimeError):
@@ -99,8 +101,9 @@ def resolve_job(path: str) -> Callable:
 
 def _secrets(settings: Settings) -> list[str]:
     found = [settings.label_studio_api_key, settings.basic_auth_pass]
-    if "@" in settings.redis_url:  # redis://user:password@host: the credentials part
-        found.append(settings.redis_url.split("://", 1)[-1].rsplit("@", 1)[0])
+    for url in (settings.redis_url, settings.label_studio_url):
+        if "@" in url:  # scheme://user:password@host: the credentials part
+            found.append(url.split("://", 1)[-1].rsplit("@", 1)[0])
     return [s for s in found if s]
 
 

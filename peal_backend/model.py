@@ -85,6 +85,9 @@ def parse_label_config(xml: str) -> LabelSpec:
     raise LabelConfigError("no <Choices> tag points at an <Image> (check toName)")
 
 
+MAX_PROJECT_ID = 2 ** 63
+
+
 def project_id(value) -> int:
     """Label Studio sends the project as "12.1700000000" (id.created), 12, or {"id": 12, ...}."""
     if isinstance(value, dict):
@@ -93,7 +96,9 @@ def project_id(value) -> int:
         pid = int(str(value).split(".", 1)[0])
     except (TypeError, ValueError):
         pid = -1
-    if pid < 0 or isinstance(value, bool):  # Label Studio ids are positive; -5 used to reach the queue and 500
+    # Label Studio ids are positive; -5 used to reach the queue and 500, and a 300-digit id made a file
+    # name too long (500). Ids fit Label Studio's 64-bit database keys.
+    if pid < 0 or pid >= MAX_PROJECT_ID or isinstance(value, bool):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         raise PayloadError(f"'project' must identify a project (e.g. \"12.1700000000\"), got {shown}")
     return pid

@@ -13,7 +13,7 @@ import time
 from collections import deque
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
 from .backbone import BackboneLoadError
@@ -109,6 +109,9 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         # Parsed here rather than with get_json(silent=True): that lets RecursionError (deeply nested
         # arrays) escape as a 500 and hides why a body is not JSON.
         raw = request.get_data(cache=True)
+        if request.content_length is None and len(raw) >= MAX_BODY_BYTES:
+            # werkzeug stops reading a chunked body at the limit without saying so: refuse it, not parse half
+            raise RequestEntityTooLarge()
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:
@@ -229,7 +232,7 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
 
     @app.get("/jobs/<int:pid>")
     def job(pid: int):
-        return jsonify(get_queue().status(pid))
+        return jsonify(get_queue().status(project_id(pid)))
 
     @app.get("/versions")
     def versions():

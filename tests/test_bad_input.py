@@ -266,6 +266,28 @@ def test_predict_payload_errors_name_the_field(client, payload, message):
     assert r.status_code == 400 and message in r.json["error"], r.json
 
 
+HUGE_ID = "9" * 300
+
+
+@pytest.mark.parametrize("method, path, payload", [
+    ("post", "/webhook", {"action": "START_TRAINING", "project": HUGE_ID}),
+    ("post", "/webhook", {"action": "ANNOTATION_CREATED", "project": int(HUGE_ID)}),
+    ("post", "/predict", {"tasks": [], "project": HUGE_ID + ".1700000000", "label_config": CONFIG}),
+    ("post", "/setup", {"project": str(2 ** 63), "schema": CONFIG}),
+    ("get", f"/versions?project={HUGE_ID}", None),
+    ("get", f"/jobs/{HUGE_ID}", None),
+])
+def test_huge_project_ids_are_a_400_naming_the_field(client, method, path, payload):
+    # a 300-digit id made a file name too long: a 500
+    r = getattr(client, method)(path, json=payload) if payload is not None else getattr(client, method)(path)
+    assert r.status_code == 400 and "'project'" in r.json["error"], (r.status_code, r.json)
+
+
+def test_largest_project_id_is_accepted(client):
+    r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": 2 ** 63 - 1})
+    assert r.status_code == 200
+
+
 NO_IMAGE = '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>'
 NO_CHOICES = '<View><Image name="i" value="$i"/><Labels name="l" toName="i"><Label value="a"/></Labels></View>'
 UNLINKED = ('<View><Image name="i" value="$i"/><Text name="t" value="$t"/>'
@@ -356,7 +378,8 @@ def test_basic_auth_accepts_non_ascii_password(auth_client):
 def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
     caplog.set_level(logging.DEBUG)
     good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
-    tasks = [{"id": 1, "data": {"image": served.url(f"/status/401?token={SECRET_KEY}")}},
+    served.routes["/data/upload/7/refused.png"] = lambda handler, query: handler.answer(401, b"no\n")
+    tasks = [{"id": 1, "data": {"image": served.url(f"/data/upload/7/refused.png?token={SECRET_KEY}")}},
              {"id": 2, "data": {"image": f"http://user:{SECRET_PASS}@127.0.0.1:9/x.png"}},
              {"id": 3, "data": {"image": f"/data/upload/7/missing.png?sig={SECRET_KEY}"}}]
     bodies = [auth_client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG},
@@ -369,6 +392,21 @@ def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
     text = "\n".join(bodies) + "\n" + caplog.text
     assert "HTTP 404" in text and "HTTP 401" in text
     assert SECRET_KEY not in text and SECRET_PASS not in text
+
+
+def test_predict_never_sends_the_token_to_a_host_hidden_behind_a_backslash(auth_client, served, tmp_path):
+    # urllib.parse reads the host after the `@` (Label Studio); urllib3 connects to the one before the backslash
+    other = ImageServer(tmp_path / "other")
+    try:
+        good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
+        image = f"http://127.0.0.1:{other.port}\\@127.0.0.1:{served.port}/data/upload/7/good0.png"
+        r = auth_client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": image}}], "project": PROJECT,
+                                               "label_config": CONFIG}, headers=good)
+        assert r.status_code == 200
+        assert [req.headers.get("authorization") for req in other.requests] == []
+        assert "backslash" in r.json["results"][0]["error"]
+    finally:
+        other.close()
 
 
 # --- Label Studio-side bad input, through the real training job ----------------------------------

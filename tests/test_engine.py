@@ -37,7 +37,7 @@ def test_settings_from_env_parses_and_names_bad_values():
         Settings.from_env({"PEAL_LORA_RANK": "eight"})
     with pytest.raises(SettingsError, match="PEAL_ADAPTER"):
         Settings.from_env({"PEAL_ADAPTER": "full"})
-    red = Settings(label_studio_api_key="secret-token", basic_auth_pass="pw").redacted()
+    red = Settings(label_studio_api_key="secret-token", basic_auth_user="u", basic_auth_pass="pw").redacted()
     assert "secret-token" not in str(red) and "pw" not in str(red.values())
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from peal_backend.config import Settings
 from peal_backend.images import (IMAGENET_MEAN, IMAGENET_STD, ImageError, ImageFetcher, content_hash,
                                  decode_image, preprocess, safe_url, to_pil)
-from tests.conftest import free_port
+from tests.conftest import ImageServer, free_port
 
 TOKEN = "s3cr3t-api-token"
 
@@ -47,6 +47,16 @@ def fetcher_for(image_server, tmp_path):
     def build(auth=None, **overrides):
         return ImageFetcher(make_settings(image_server, tmp_path, **overrides), auth)
     return build
+
+
+def add_redirect(server, path: str, location: str, code: int = 302) -> None:
+    """Make `server` answer `path` with a redirect to `location` (under a media route, where the token goes)."""
+    def redirect(handler, query):
+        handler.send_response(code)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    server.routes[path] = redirect
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -130,8 +140,8 @@ def test_local_files_url(image_server, real_images, fetcher_for):
 
 
 def test_auth_headers_not_sent_to_other_hosts(image_server, real_images, fetcher_for):
-    url = image_server.add("a.png", real_images.files["retina_0.png"])
-    other = image_server.url("/a.png", host="localhost")
+    url = image_server.add("data/upload/1/a.png", real_images.files["retina_0.png"])
+    other = image_server.url("/data/upload/1/a.png", host="localhost")
     auth = AuthCounter()
     fetcher = fetcher_for(auth, allowed_hosts=f"localhost:{image_server.port}")
     fetcher.fetch(other)
@@ -144,12 +154,107 @@ def test_auth_headers_not_sent_to_other_hosts(image_server, real_images, fetcher
 
 def test_auth_headers_not_forwarded_on_redirect(image_server, real_images, fetcher_for):
     image_server.add("a.png", real_images.files["retina_0.png"])
-    target = image_server.url("/a.png", host="localhost")
+    add_redirect(image_server, "/data/upload/1/moved.png", image_server.url("/a.png", host="localhost"))
     fetcher = fetcher_for(AuthCounter(), allowed_hosts="localhost")
-    fetcher.fetch("/redirect?to=" + quote(target, safe=""))
+    fetcher.fetch("/data/upload/1/moved.png")
     hop, final = image_server.requests
     assert hop.headers["authorization"] == f"Token {TOKEN}"
     assert final.host.startswith("localhost") and "authorization" not in final.headers
+
+
+# --- URLs that URL parsers read differently ----------------------------------------------------------
+
+@pytest.fixture
+def other_server(tmp_path):
+    """A second loopback server: a host that must never see Label Studio's token."""
+    server = ImageServer(tmp_path / "other")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def tricky_url(connects_to, looks_like, path="/data/upload/1/0.png") -> str:
+    """urllib.parse reads the host after the last `@` (`looks_like`); urllib3 ends it at the backslash
+    and connects to `connects_to`."""
+    return f"http://127.0.0.1:{connects_to.port}\\@127.0.0.1:{looks_like.port}{path}"
+
+
+def test_backslash_url_never_carries_the_token_to_another_host(image_server, other_server, real_images, fetcher_for):
+    image_server.add("data/upload/1/0.png", real_images.files["retina_0.png"])
+    auth = AuthCounter()
+    with pytest.raises(ImageError) as info:
+        fetcher_for(auth).fetch(tricky_url(other_server, image_server))
+    assert other_server.requests == [] and image_server.requests == [] and auth.calls == 0
+    assert "backslash" in info.value.reason
+
+
+def test_backslash_redirect_never_carries_the_token_to_another_host(image_server, other_server, fetcher_for):
+    add_redirect(image_server, "/data/upload/1/moved.png", tricky_url(other_server, image_server))
+    with pytest.raises(ImageError) as info:
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/moved.png")
+    assert other_server.requests == []
+    assert "redirected to" in info.value.reason and "backslash" in info.value.reason
+
+
+def test_backslash_url_does_not_bypass_the_allow_list(image_server, other_server, real_images, fetcher_for):
+    other_server.add("a.png", real_images.files["retina_0.png"])
+    url = tricky_url(other_server, image_server, "/a.png").replace("@127.0.0.1:", "@localhost:")
+    with pytest.raises(ImageError) as info:
+        fetcher_for(allowed_hosts=f"localhost:{image_server.port}").fetch(url)
+    assert other_server.requests == []
+    assert "backslash" in info.value.reason
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:1\tx/a.png", "control character"),
+    ("http://user:pw@127.0.0.1:1/a.png", "credentials"),
+    ("http://127.0.0.1:1\\/a.png", "backslash"),
+])
+def test_ambiguous_urls_are_refused(fetcher_for, url, reason):
+    with pytest.raises(ImageError, match=reason):
+        fetcher_for(allowed_hosts="*").fetch(url)
+
+
+# --- the token goes only to Label Studio's media routes ---------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "/api/projects/1/next",
+    "/api/current-user/whoami",
+    "/data/upload/../../api/users/",
+    "/data/upload/%2e%2e/%2E%2E/api/users/",
+    "/data/upload/1/..%2f..%2fapi/users/",
+    "/data/local-files/../../api/users/?d=x.png",
+    "/tasks/1/resolve/../../api/users/",
+    "/data/uploadx/1.png",
+])
+def test_token_is_not_sent_to_label_studio_api_paths(image_server, fetcher_for, url):
+    auth = AuthCounter()
+    with pytest.raises(ImageError) as info:
+        fetcher_for(auth).fetch(url)
+    assert image_server.requests == [] and auth.calls == 0
+    assert "media routes" in info.value.reason or "'..' segments" in info.value.reason
+
+
+def test_redirect_to_a_label_studio_api_path_is_refused(image_server, fetcher_for):
+    add_redirect(image_server, "/data/upload/1/moved.png", "/api/users/")
+    with pytest.raises(ImageError, match="redirected to .*media routes"):
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/moved.png")
+    assert image_server.count("/api/users/") == 0
+
+
+def test_token_is_sent_to_storage_resolve_routes(image_server, real_images, fetcher_for):
+    def resolve(handler, query):
+        handler.serve_file("/bucket/a.png")
+    image_server.routes["/tasks/12/resolve/"] = resolve
+    image_server.add("bucket/a.png", real_images.files["retina_0.png"])
+    fetcher_for(AuthCounter()).fetch("/tasks/12/resolve/?fileuri=czM6Ly9idWNrZXQvYS5wbmc=")
+    assert image_server.requests[0].headers["authorization"] == f"Token {TOKEN}"
+
+
+def test_without_a_token_other_label_studio_paths_are_fetched(image_server, real_images, fetcher_for):
+    url = image_server.add("a.png", real_images.files["retina_0.png"])  # no credentials in play
+    assert fetcher_for().fetch(url).size == (28, 28)
 
 
 # --- the cache ---------------------------------------------------------------------------------------
@@ -245,10 +350,10 @@ def test_data_uri_over_byte_limit_is_refused(fetcher_for, real_images):
 
 def test_redirect_to_disallowed_host_is_refused(image_server, real_images, fetcher_for):
     image_server.add("a.png", real_images.files["retina_0.png"])
-    target = image_server.url("/a.png", host="localhost")
+    add_redirect(image_server, "/data/upload/1/moved.png", image_server.url("/a.png", host="localhost"))
     with pytest.raises(ImageError, match="redirected to .*localhost.* is not allowed"):
-        fetcher_for(AuthCounter()).fetch(image_server.url("/redirect?to=" + quote(target, safe="")))
-    assert [r.path.split("?")[0] for r in image_server.requests] == ["/redirect"]
+        fetcher_for(AuthCounter()).fetch(image_server.url("/data/upload/1/moved.png"))
+    assert [r.path.split("?")[0] for r in image_server.requests] == ["/data/upload/1/moved.png"]
 
 
 def test_redirect_to_file_scheme_is_refused(image_server, fetcher_for):
@@ -286,8 +391,9 @@ def test_404(image_server, fetcher_for):
 
 
 def test_401_from_label_studio_hints_at_the_token(image_server, fetcher_for):
+    image_server.routes["/data/upload/1/a.png"] = lambda handler, query: handler.answer(401, b"no\n")
     with pytest.raises(ImageError, match=r"HTTP 401.*LABEL_STUDIO_API_KEY"):
-        fetcher_for(AuthCounter()).fetch("/status/401")
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/a.png")
 
 
 def test_connection_refused(fetcher_for):
@@ -368,10 +474,10 @@ def test_huge_declared_size_refused(image_server, fetcher_for):
 
 def test_messages_and_logs_hide_secrets(image_server, real_images, fetcher_for, caplog):
     caplog.set_level(logging.DEBUG)
-    image_server.add("a.png", real_images.files["retina_0.png"])
-    fetcher_for(AuthCounter()).fetch("/a.png?sig=SECRETSIG")
+    image_server.add("data/upload/1/a.png", real_images.files["retina_0.png"])
+    fetcher_for(AuthCounter()).fetch("/data/upload/1/a.png?sig=SECRETSIG")
     with pytest.raises(ImageError) as info:
-        fetcher_for(AuthCounter()).fetch("/missing.png?X-Amz-Signature=SECRETSIG&d=sub/x.png")
+        fetcher_for(AuthCounter()).fetch("/data/upload/1/missing.png?X-Amz-Signature=SECRETSIG&d=sub/x.png")
     message = str(info.value)
     assert "SECRETSIG" not in message and "X-Amz-Signature=***" in message and "d=sub/x.png" in message
     with pytest.raises(ImageError) as info:
@@ -385,6 +491,21 @@ def test_messages_and_logs_hide_secrets(image_server, real_images, fetcher_for, 
 def test_safe_url():
     assert safe_url("https://u:p@h.example/a.png?sig=abc&d=x/y.png#frag") == "https://h.example/a.png?sig=***&d=x/y.png"
     assert safe_url("/data/local-files/?d=sub/img.png") == "/data/local-files/?d=sub/img.png"
+
+
+@pytest.mark.parametrize("query", [
+    "X%2DAmz%2DSignature=SECRETSIG",   # the key percent-encoded
+    "X-Amz-Signature%3DSECRETSIG",     # the = percent-encoded: one odd key, no value
+    "SECRETSIG",                       # a bare token
+    "sig=SECRET%53IG",                 # the value percent-encoded
+])
+def test_percent_encoded_query_secrets_are_hidden(fetcher_for, query, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = f"http://127.0.0.1:{free_port()}/a.png?{query}&d=sub/x.png"  # connection refused
+    with pytest.raises(ImageError) as info:
+        fetcher_for(allowed_hosts="*").fetch(url)
+    text = str(info.value) + "\n" + caplog.text
+    assert "request failed" in text and "SECRET" not in text and "d=sub/x.png" in str(info.value)
 
 
 def test_image_error_pickles():
@@ -416,6 +537,56 @@ def test_decode_applies_exif_orientation(real_images):
     buf = io.BytesIO()
     Image.new("RGB", (40, 20)).save(buf, format="JPEG", exif=exif)
     assert decode_image(buf.getvalue(), max_pixels=10_000).size == (20, 40)
+
+
+def halves(mode: str, size=(3000, 1000)) -> Image.Image:
+    """A `mode` image whose left half is dark and right half light."""
+    dark, light = {"1": (0, 1), "I;16": (1000, 5000), "P": (0, 1), "L": (0, 255),
+                   "RGB": ((0, 0, 0), (255, 255, 255)), "RGBA": ((0, 0, 0, 255), (255, 255, 255, 255))}[mode]
+    image = Image.new(mode, size, dark)
+    if mode == "P":
+        image.putpalette([0, 0, 0, 255, 255, 255])
+    image.paste(light, (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "I;16", "RGB", "RGBA"])
+def test_large_png_is_decoded_reduced(mode):
+    # Decoding full-size 10000x10000 PNGs to RGB took +552 MiB (1-bit) and +2.7 GiB (16-bit) per image
+    image = decode_image(png_bytes(halves(mode)), max_pixels=10**8, max_side=256)
+    assert image.mode == "RGB" and image.size == (273, 91)  # reduced 11x: under 2 x 256, aspect kept
+    pixels = np.asarray(image)
+    assert (pixels[:, :130] == 0).all() and (pixels[:, 143:] == 255).all()
+
+
+def test_large_jpeg_is_decoded_reduced_and_upright():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    halves("RGB", (2000, 1000)).save(buf, format="JPEG", exif=exif)
+    image = decode_image(buf.getvalue(), max_pixels=10**8, max_side=100)
+    assert image.size == (63, 125)  # drafted to 1/8 (250x125), reduced 2x, then turned upright
+    pixels = np.asarray(image, dtype=int)
+    assert (pixels[:56] < 25).all() and (pixels[70:] > 230).all()  # turned clockwise: the light right half is below
+
+
+def test_small_images_are_not_reduced(real_images):
+    image = decode_image(real_images.bytes("retina_0.png"), max_pixels=10**8, max_side=15)
+    np.testing.assert_array_equal(np.asarray(image), real_images.arrays["retina_0.png"])  # 28 < 2 x 15
+
+
+def test_fetcher_decodes_to_decode_max_side(image_server, fetcher_for):
+    url = image_server.add("big.png", png_bytes(halves("1", (2048, 2048))))
+    assert fetcher_for(decode_max_side=256).fetch(url).size == (256, 256)
+    assert fetcher_for(decode_max_side=256).fetch(url).size == (256, 256)  # from the cache too
+
+
+def test_decode_max_side_below_image_size_is_refused():
+    from peal_backend.config import SettingsError
+    with pytest.raises(SettingsError, match="PEAL_DECODE_MAX_SIDE=100: .*at least PEAL_IMAGE_SIZE"):
+        Settings(decode_max_side=100, image_size=224)
+    with pytest.raises(SettingsError, match="PEAL_DECODE_MAX_SIDE=0"):
+        Settings.from_env({"PEAL_DECODE_MAX_SIDE": "0"})
 
 
 def test_decode_names_the_source():

@@ -16,7 +16,7 @@ import requests
 import torch
 
 from peal_backend.backbone import build_classifier
-from peal_backend.config import Settings
+from peal_backend.config import Settings, SettingsError
 from peal_backend.images import preprocess, to_pil
 from peal_backend.jobs import make_queue
 from peal_backend.model import model_settings, parse_label_config, LabelConfigError
@@ -181,6 +181,21 @@ def test_versions_and_metrics(client, settings):
     assert m["latest_versions"] == {"7": name} and "label_studio_api_key" in m["settings"]
 
 
+def test_metrics_hide_passwords_in_urls(settings):
+    exposed = settings.replace(redis_url="redis://:p@ssREDISPW@127.0.0.1:6379/0?password=QUERYPW",
+                               label_studio_url="http://admin:LSPW@127.0.0.1:1/ls")
+    queue = make_queue(settings, job="tests.jobfuncs.scripted")  # the embedded queue: nothing to connect to
+    try:
+        r = create_app(exposed, queue=queue).test_client().get("/metrics")
+    finally:
+        queue.close()
+    assert r.status_code == 200
+    shown = r.json["settings"]
+    assert shown["redis_url"] == "redis://***@127.0.0.1:6379/0?***"
+    assert shown["label_studio_url"] == "http://***@127.0.0.1:1/ls"
+    assert not [pw for pw in ("REDISPW", "ssREDISPW", "QUERYPW", "LSPW") if pw in r.get_data(as_text=True)]
+
+
 def test_basic_auth(settings, tmp_path):
     s = settings.replace(basic_auth_user="annotator", basic_auth_pass="s3cret")
     c = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
@@ -192,6 +207,31 @@ def test_basic_auth(settings, tmp_path):
     good = base64.b64encode(b"annotator:s3cret").decode()
     r = c.post("/setup", json={"project": PROJECT, "schema": CONFIG}, headers={"Authorization": f"Basic {good}"})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("env, given, missing", [
+    ({"BASIC_AUTH_PASS": "s3cret"}, "BASIC_AUTH_PASS", "BASIC_AUTH_USER"),
+    ({"BASIC_AUTH_USER": "annotator"}, "BASIC_AUTH_USER", "BASIC_AUTH_PASS"),
+])
+def test_half_configured_basic_auth_refuses_to_start(env, given, missing):
+    # one of the two alone left every endpoint open
+    message = f"{given} is set but {missing} is empty"
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH_")}
+    for command in ("serve", "worker"):  # the CLI reads the settings before it starts either
+        done = subprocess.run([sys.executable, "-m", "peal_backend.cli", command], env={**clean, **env},
+                              capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, (command, done.stderr[-500:])
+
+
+def test_worker_rebuilds_a_basic_auth_servers_settings_without_its_credentials(settings):
+    from peal_backend.jobs import settings_from_payload, settings_payload
+    server = settings.replace(basic_auth_user="annotator", basic_auth_pass="s3cret")
+    payload = settings_payload(server)
+    assert "s3cret" not in str(payload) and "annotator" not in str(payload)
+    rebuilt = settings_from_payload(payload, local=Settings())
+    assert (rebuilt.basic_auth_user, rebuilt.basic_auth_pass, rebuilt.backbone) == ("", "", server.backbone)
 
 
 # --- a real gunicorn process --------------------------------------------------------------------------
@@ -230,6 +270,23 @@ def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_ser
     assert [len(x["result"]) for x in r.json()["results"]] == [1, 1, 1, 1]
     r = requests.post(url + "/predict", data=b"\xff\xfe garbage", headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
+
+
+def test_real_gunicorn_refuses_a_chunked_body_over_the_limit_with_413(gunicorn_backend):
+    from peal_backend.server import MAX_BODY_BYTES
+
+    def chunks():  # no Content-Length: requests sends a generator with Transfer-Encoding: chunked
+        yield b'{"tasks": ["'
+        block = b"x" * (1 << 20)
+        for _ in range(MAX_BODY_BYTES // len(block)):
+            yield block
+        yield b'"]}'
+
+    r = requests.post(gunicorn_backend + "/webhook", data=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "32 MiB" in r.json()["error"], (r.status_code, r.text[:300])
+    small = requests.post(gunicorn_backend + "/webhook", data=iter([b'{"action": "PROJECT_UPDATED", "project": 7}']),
+                          headers={"Content-Type": "application/json"})
+    assert small.status_code == 200  # a chunked body under the limit is read whole
 
 
 def test_webhook_answers_at_once_while_a_training_runs(client, settings):
