@@ -1,0 +1,65 @@
+"""One engine: the simulator and a real training job, given the same labels, produce the same order.
+
+The job runs against a real Label Studio (real PNGs behind local-files storage and upload, annotations
+through the API, images fetched over HTTP and decoded); the simulator gets the same images as arrays.
+Both go through `cycle.run_cycle`, so the queue (task order) and the clusters must be identical.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from peal_backend import simulate as sim
+from peal_backend.config import Settings
+from peal_backend.labelstudio import LabelStudio
+from peal_backend.labelstudio_job import train_project
+from peal_backend.model import CLUSTERS_FILE, QUEUE_FILE
+from peal_backend.store import ModelStore
+from tests.labelstudio_fixture import label_studio  # noqa: F401  (fixture)
+from tests.test_e2e_labelstudio import LABELS, annotate, backbone, make_project, xrays  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+
+
+def image_index(task: dict) -> int:
+    """Which of the `xrays` arrays a task shows (make_project names files xray-NNN / upload-NNN)."""
+    return int(re.search(r"(?:xray|upload)-(\d+)\.png", task["data"]["image"]).group(1))
+
+
+@pytest.mark.parametrize("strategy, n_labels", [("auto", 4), ("margin", 6)])
+def test_simulator_and_training_job_produce_the_same_order(label_studio, xrays, backbone, tmp_path, strategy, n_labels):
+    server = label_studio
+    client = LabelStudio(server.url, server.token)
+    pid, truth = make_project(server, xrays, f"one engine {strategy}", 16, 6)
+    tasks = sorted(client.tasks(pid), key=lambda t: t["id"])
+    by_class = {lab: [t["id"] for t in tasks if truth[t["id"]] == lab] for lab in LABELS}
+    picked = by_class[LABELS[0]][:n_labels // 2] + by_class[LABELS[1]][:n_labels - n_labels // 2]
+    annotate(server, picked, truth)
+
+    settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
+                        backbone=backbone[0], image_size=backbone[1], strategy=strategy, push_predictions=True)
+    result = train_project(pid, settings, "test")
+    assert result["status"] == "trained"
+    store = ModelStore(settings.model_dir)
+    version = store.latest(pid)
+    queue = store.read_json(version, QUEUE_FILE)
+    job_order = [int(t) for t in sorted(queue, key=queue.get)]
+    job_clusters = store.read_json(version, CLUSTERS_FILE)
+
+    # The simulator: the same images as arrays, in task order; the same labeled tasks
+    images, labels = xrays
+    order_of = [image_index(t) for t in tasks]
+    data = sim.Dataset("xrays", images[order_of], np.array([LABELS.index(truth[t["id"]]) for t in tasks]),
+                       images[:2], labels[:2].astype(np.int64), list(LABELS))
+    prep = sim.prepare(data, settings, tmp_path / "sim-cache")
+    labeled = np.array([i for i, t in enumerate(tasks) if t["id"] in picked])
+    cycle = sim.simulated_cycle(prep, settings, labeled)
+    unlabeled = np.setdiff1d(np.arange(len(tasks)), labeled)
+    sim_order = [tasks[unlabeled[i]]["id"] for i in cycle.order]
+
+    assert cycle.strategy == result["strategy"]
+    assert sim_order == job_order
+    assert {str(tasks[unlabeled[i]]["id"]): int(c) for i, c in enumerate(cycle.pool_clusters)} == job_clusters
+    assert sim_order[0] == result["label_next"]
