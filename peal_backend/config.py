@@ -95,9 +95,9 @@ class Settings:
                          ("auto", "random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust",
                           "probcover", "dropquery"))
     auto_coverage: str = _env("PEAL_AUTO_COVERAGE", "typiclust", "`auto`'s strategy while labels are few (and before two classes are labeled).",
-                              str, ("typiclust", "probcover"))
+                              str, ("typiclust", "probcover", "random"))
     auto_uncertainty: str = _env("PEAL_AUTO_UNCERTAINTY", "margin", "`auto`'s strategy once every class has labels.", str,
-                                 ("margin", "entropy", "badge", "dropquery"))
+                                 ("margin", "entropy", "badge", "dropquery", "random"))
     auto_switch_per_class: float = _env("PEAL_AUTO_SWITCH", 3.0, "`auto` switches from coverage to uncertainty once every class is "
                                         "labeled and there are this many labels per class on average.", float)
     clusters: int = _env("PEAL_CLUSTERS", 0, "Label Studio `cluster` on pushed predictions: k-means clusters of the backbone's "

@@ -205,7 +205,7 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     probs = outputs.probs
     if multiple:  # strategies expect rows that sum to 1; sigmoid outputs are renormalised
         probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
-    coverage = strategy in acquisition.COVERAGE_STRATEGIES
+    coverage = strategy in acquisition.COVERAGE_STRATEGIES or not trainable
     head = {}
     if clf is not None:
         head = {"head_weight": clf.head.weight.detach().float().cpu().numpy(),

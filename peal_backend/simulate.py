@@ -263,15 +263,23 @@ test_metrics.__test__ = False  # not a pytest test, whatever its name
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of the grid."""
+    """One configuration of the grid. `auto`: (coverage, uncertainty, switch) for an `auto:C:U:S` spec."""
     adapter: str
     strategy: str
     balance: bool = False
     calibration: bool = False
+    auto: tuple = ()
 
     @property
     def name(self) -> str:
-        return f"{self.adapter}/{self.strategy}" + ("+cal" if self.calibration else "") + ("+bal" if self.balance else "")
+        spec = self.strategy + (":" + ":".join(str(a) for a in self.auto) if self.auto else "")
+        return f"{self.adapter}/{spec}" + ("+cal" if self.calibration else "") + ("+bal" if self.balance else "")
+
+    def settings(self, settings: Settings) -> Settings:
+        s = settings.replace(adapter=self.adapter, strategy=self.strategy, balance=self.balance, calibration=self.calibration)
+        if self.auto:
+            s = s.replace(auto_coverage=self.auto[0], auto_uncertainty=self.auto[1], auto_switch_per_class=float(self.auto[2]))
+        return s
 
 
 def parse_variants(adapters: str, strategies: str, balance: bool = False, calibration: bool = False) -> list[Variant]:
@@ -286,12 +294,21 @@ def parse_variants(adapters: str, strategies: str, balance: bool = False, calibr
             if not spec:
                 continue
             name, *tags = spec.split("+")
+            auto: tuple = ()
+            if name.startswith("auto:"):  # auto:COVERAGE:UNCERTAINTY:SWITCH, the PEAL_AUTO_* settings
+                parts = name.split(":")
+                try:
+                    auto = (parts[1], parts[2], float(parts[3]))
+                    Settings(auto_coverage=auto[0], auto_uncertainty=auto[1], auto_switch_per_class=auto[2])
+                except (IndexError, ValueError) as exc:
+                    raise SimulationError(f"--strategy {spec!r}: expected auto:COVERAGE:UNCERTAINTY:SWITCH ({exc})") from None
+                name = "auto"
             if name not in acquisition.STRATEGIES and name != "auto":
                 raise SimulationError(f"--strategy {spec!r}: unknown strategy {name!r}; expected one of "
                                       f"auto, {', '.join(acquisition.STRATEGIES)}, optionally with +cal and/or +bal")
             if set(tags) - {"cal", "bal"}:
                 raise SimulationError(f"--strategy {spec!r}: unknown suffix; only +cal (calibration loss) and +bal (class balancing)")
-            out.append(Variant(adapter, name, balance or "bal" in tags, calibration or "cal" in tags))
+            out.append(Variant(adapter, name, balance or "bal" in tags, calibration or "cal" in tags, auto))
     if not out:
         raise SimulationError(f"--strategy {strategies!r}: no strategy given")
     return list(dict.fromkeys(out))
@@ -350,46 +367,45 @@ def simulated_cycle(prep: Prepared, settings: Settings, labeled: np.ndarray, ini
 
 
 def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int) -> Iterator[dict]:
-    """One configuration and seed, as a Label Studio project would go: no label at first; each cycle
-    `cycle.run_cycle` (what the backend's training job runs) orders the pool, then the annotator labels
-    the `budget` tasks Label Studio would serve from that order (`cycle.served_next`, clusters
-    included) before the next retrain. Yields a result row after each cycle that trained a classifier
-    (evaluated on the test split); the cold cycles before two classes are labeled only pick."""
+    """One configuration and seed, as a Label Studio project would go: no label at first, so the first
+    cycle only orders the pool; then `cycles` times the annotator labels the `budget` tasks Label Studio
+    would serve from the backend's order (`cycle.served_next`, clusters included) and the backend runs
+    its cycle (`cycle.run_cycle`, what the training job runs) on what is labeled. A row per cycle,
+    evaluated on the test split at `budget * (cycle + 1)` labels. While fewer than two classes are
+    labeled there is no classifier: the row scores predicting the one labeled class for everything
+    (what any classifier trained on those labels would do)."""
     data = prep.data
-    s = settings.replace(adapter=variant.adapter, strategy=variant.strategy, balance=variant.balance,
-                         calibration=variant.calibration, seed=seed, retrain_every=budget)
+    s = variant.settings(settings).replace(seed=seed, retrain_every=budget)
     n_train = len(data.train_labels)
     labeled = np.zeros(0, dtype=np.int64)
     solved: dict[int, int] = {}  # cluster -> tasks the annotator labeled in it, as Label Studio counts
-    init, done = None, 0
-    while done < cycles:
+    init = None
+    result = simulated_cycle(prep, s, labeled)  # the project just connected
+    for cycle in range(cycles):
         t0 = time.perf_counter()
         unlabeled = np.setdiff1d(np.arange(n_train), labeled)
-        result = simulated_cycle(prep, s, labeled, init)
+        if not unlabeled.size:
+            break
+        served = served_next(result.queue_scores, result.pool_clusters if s.clusters >= 0 else None, solved, budget)
+        row_pick = {"unknown_ratio": "", "unknown_fraction": ""}
+        if result.trained:
+            known = acquisition.unknown_ratio(served, result.pool.probs, data.train_labels[unlabeled])
+            row_pick = {"unknown_ratio": known["ratio"], "unknown_fraction": known["fraction"]}
+        labeled = np.concatenate([labeled, unlabeled[served]])
         t1 = time.perf_counter()
-        row = None
+        result = simulated_cycle(prep, s, labeled, init)
+        t2 = time.perf_counter()
         if result.trained:
             probs = score_images(result.classifier, s, prep.images("test"), prep.cache_dir).probs
-            row = {"cycle": done, "labels": int(labeled.size), **test_metrics(probs, data.test_labels, data.n_classes),
-                   "unknown_ratio": "", "unknown_fraction": "", "phase_strategy": result.strategy}
-            done += 1
-        t2 = time.perf_counter()
-        if (row is None or done < cycles) and unlabeled.size:  # the last model's picks would never be used
-            served = served_next(result.queue_scores, result.pool_clusters if s.clusters >= 0 else None, solved,
-                                 budget)
-            chosen = unlabeled[served]
-            if row is not None:
-                known = acquisition.unknown_ratio(served, result.pool.probs, data.train_labels[unlabeled])
-                row.update(unknown_ratio=known["ratio"], unknown_fraction=known["fraction"])
-            labeled = np.concatenate([labeled, chosen])
+        else:
+            probs = np.zeros((len(data.test_labels), data.n_classes))
+            probs[:, int(data.train_labels[labeled[0]])] = 1.0
         t3 = time.perf_counter()
         if s.warm_start and result.trained:
             init = result.classifier.trainable_state()
-        if row is not None:
-            row.update(train_seconds=t1 - t0, eval_seconds=t2 - t1, select_seconds=t3 - t2)
-            yield row
-        if not unlabeled.size:
-            break
+        yield {"cycle": cycle, "labels": int(labeled.size), **test_metrics(probs, data.test_labels, data.n_classes),
+               **row_pick, "phase_strategy": result.strategy if result.trained else f"{result.strategy} (no classifier)",
+               "train_seconds": t2 - t1, "eval_seconds": t3 - t2, "select_seconds": t1 - t0}
 
 
 def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], seeds: Sequence[int], cycles: int,

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The label-efficiency grid behind BENCHMARKS.md's "Queue order" section (benchmarks/results/queue_order).
 #
-#   bash scripts/label_efficiency_grid.sh [STAGE...]   # stages: linear new lora clusters (default: all); report
+#   bash scripts/label_efficiency_grid.sh [STAGE...]   # stages: linear lora clusters (default: all)
+#   bash scripts/label_efficiency_grid.sh report       # tables and plots from what has run
 #
-# Every run is the backend's own cycle (peal_backend.cycle.run_cycle) from zero labels, budget = one label
-# per class per retrain, 20 retrains (20 labels per class at the end). Each command appends to one
-# results.csv per dataset folder and skips the (configuration, seed) pairs already there, so the grid can
-# be stopped and resumed. Two streams run in parallel (one torch thread each).
+# Every run is the backend's own cycle (peal_backend.cycle.run_cycle) from zero labels; the annotator
+# takes what Label Studio would serve; one label per class per retrain, 20 retrains (20 labels per class
+# at the end). Each command appends to one results.csv per dataset folder and skips the (configuration,
+# seed) pairs already there, so the grid can be stopped and resumed. Two streams run in parallel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,8 @@ OUT=${OUT:-benchmarks/results/queue_order}
 PY=${PY:-.venv/bin/python}
 export PEAL_LORA_LAST_K=${PEAL_LORA_LAST_K:-2}   # LoRA on the last 2 of peal-mini's 6 blocks (frozen prefix cached)
 export PEAL_CLUSTERS=${PEAL_CLUSTERS:--1}        # Label Studio's cluster rule off unless a stage turns it on
-CORE=auto,random,typiclust,margin,entropy,badge,coreset
+# auto:COVERAGE:UNCERTAINTY:SWITCH variants (PEAL_AUTO_*), the default `auto`, and what they are made of
+LINEAR=auto,auto:random:margin:3,auto:probcover:margin:3,auto:typiclust:badge:1,auto:probcover:dropquery:2,random,typiclust,probcover,margin,entropy,badge,dropquery,coreset
 
 sim() {  # dataset, then simulate flags
   local data=$1; shift
@@ -23,19 +25,17 @@ sim() {  # dataset, then simulate flags
   nice -n 10 "$PY" -m peal_backend.cli simulate --backbone peal-mini --data "$data" --cycles 20 --threads 1 --quiet \
     --out "$OUT/$data" "${extra[@]}" "$@"
 }
-stage_linear()   { sim "$1" --adapter linear --strategy "$CORE" --seeds 10; }
-stage_new()      { sim "$1" --adapter linear --strategy probcover,dropquery,featdist,entropy+cal,margin+bal --seeds 10; }
-stage_lora()     { sim "$1" --adapter lora --strategy auto,random,margin --seeds 5; }
+stage_linear()   { sim "$1" --adapter linear --strategy "$LINEAR" --seeds 10; }
+stage_lora()     { sim "$1" --adapter lora --strategy auto,random --seeds 5; }
 stage_clusters() { PEAL_CLUSTERS=0 OUT="$OUT-clusters" sim "$1" --adapter linear --strategy auto,random --seeds 10; }
 
-run_stream() { for data in "$@"; do for st in "${STAGES[@]}"; do "stage_$st" "$data"; done; done; }
-
 if [ "${1:-}" = report ]; then
-  "$PY" -m benchmarks.queue_order_report "$OUT"
+  for out in "$OUT" "$OUT-clusters"; do [ -d "$out" ] && "$PY" -m benchmarks.queue_order_report "$out" > /dev/null; done
+  echo "wrote $OUT/report.md"
   exit
 fi
-STAGES=("${@:-linear new lora clusters}")
-read -r -a STAGES <<< "${STAGES[*]}"
-run_stream pneumoniamnist retinamnist &
-run_stream fashion-mnist &
+read -r -a STAGES <<< "${*:-linear lora clusters}"
+stream() { for st in "${STAGES[@]}"; do for data in "$@"; do "stage_$st" "$data"; done; done; }
+stream pneumoniamnist retinamnist &
+stream fashion-mnist &
 wait
