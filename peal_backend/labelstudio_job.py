@@ -151,4 +151,5 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
             "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
             "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
+            "skipped_annotations": skipped,
             "trainable_parameters": counts["trainable"], "seconds": round(time.perf_counter() - started, 3)}

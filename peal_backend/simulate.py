@@ -416,6 +416,10 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
 
     if cycles < 1:
         raise SimulationError(f"--cycles {cycles}: must be at least 1")
+    present = np.unique(data.train_labels)
+    if present.size < 2:
+        raise SimulationError(f"{data.name}: the train split holds {present.size} class(es); active learning of a "
+                              "classifier needs at least two")
     budget = budget or settings.budget or data.n_classes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -429,6 +429,8 @@ def ls_project(label_studio, served, n: int) -> tuple[int, list[int]]:
         urls.append(served.url(f"/ls/{path.name}"))
     sdk = label_studio.client
     project = sdk.projects.create(title="bad input", label_config=CONFIG)
+    if not urls:
+        return project.id, []
     ids = sdk.projects.import_tasks(id=project.id, request=[{"image": u} for u in urls], return_task_ids=True).task_ids
     return project.id, list(ids)
 
@@ -468,7 +470,9 @@ def test_training_skips_bad_annotations_and_deleted_tasks(label_studio, served, 
 
 
 @pytest.mark.labelstudio
-def test_single_class_so_far_trains_without_crashing(label_studio, served, settings, tmp_path):
+def test_single_class_so_far_orders_the_queue_without_a_classifier(label_studio, served, settings, tmp_path):
+    """One class labeled so far: nothing to tell apart, so no classifier is trained or shown (a model
+    trained on one class predicts it for every task with probability ~1); the queue is still ordered."""
     from peal_backend.labelstudio_job import train_project
 
     pid, t = ls_project(label_studio, served, 5)
@@ -476,24 +480,38 @@ def test_single_class_so_far_trains_without_crashing(label_studio, served, setti
         label_studio.client.annotations.create(id=tid, result=_choice("pneumonia"))
     s = ls_settings(settings, label_studio, served, tmp_path)
     out = train_project(pid, s, "START_TRAINING")
-    assert out["status"] == "trained" and out["n_labeled"] == 3 and out["n_pool"] == 2
+    assert out["status"] == "ordered" and out["n_labeled"] == 3 and out["n_pool"] == 2
+    assert out["model_version"].startswith("peal-coldstart-v") and out["trainable_parameters"] == 0
     client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
     tasks = [{"id": tid, "data": {"image": sdk_task["data"]["image"]}}
              for tid, sdk_task in ((tid, label_studio.client.tasks.get(id=tid).model_dump()) for tid in t)]
     r = client.post("/predict", json={"tasks": tasks, "project": pid})  # label config read from Label Studio
     assert r.status_code == 200
-    assert all(len(x["result"]) == 1 and x["model_version"] == out["model_version"] for x in r.json["results"])
+    results = r.json["results"]
+    assert all(x["result"] == [] and x["model_version"] == out["model_version"] for x in results)
+    assert sorted(x["score"] for x in results[3:]) == [0.0, 1.0]  # the two unlabeled tasks: the queue's ends
+    assert all(x["score"] is None for x in results[:3])  # labeled tasks are not in the queue
 
 
 @pytest.mark.labelstudio
-def test_project_with_no_usable_annotations_is_skipped_not_failed(label_studio, served, settings, tmp_path):
+def test_project_with_no_usable_annotations_is_ordered_not_failed(label_studio, served, settings, tmp_path):
     from peal_backend.labelstudio_job import train_project
 
     pid, t = ls_project(label_studio, served, 3)
     label_studio.client.annotations.create(id=t[0], result=_choice("covid"))
     label_studio.client.annotations.create(id=t[1], result=_choice("normal"), was_cancelled=True)
     out = train_project(pid, ls_settings(settings, label_studio, served, tmp_path), "START_TRAINING")
-    assert out["status"] == "skipped" and out["skipped_annotations"] == 1
+    assert out["status"] == "ordered" and out["n_labeled"] == 0 and out["n_pool"] == 2  # t[0] was annotated
+    assert out["skipped_annotations"] == 1
+
+
+@pytest.mark.labelstudio
+def test_project_with_no_task_at_all_is_skipped_not_failed(label_studio, served, settings, tmp_path):
+    from peal_backend.labelstudio_job import train_project
+
+    pid, _ = ls_project(label_studio, served, 0)
+    out = train_project(pid, ls_settings(settings, label_studio, served, tmp_path), "connected")
+    assert out["status"] == "skipped" and out["reason"] == "no task with a usable image"
 
 
 @pytest.mark.labelstudio

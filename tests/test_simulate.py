@@ -285,3 +285,35 @@ def test_smoke_two_cycles_with_peal_mini_beat_chance(tmp_path):
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["macro_f1"]) <= 1.0
     final = [float(r["accuracy"]) for r in rows if r["cycle"] == "1"]
     assert min(final) > chance, (final, chance)
+
+
+# --- bad input: one class, an empty pool, a class never labeled, one image per class -----------------------
+def test_a_dataset_with_one_class_is_a_clear_error(tmp_path):
+    data = _small_dataset()
+    one = sim.Dataset("one", data.train_images, np.zeros_like(data.train_labels), data.test_images,
+                      np.zeros_like(data.test_labels), ["only"])
+    with pytest.raises(sim.SimulationError, match="1 class"):
+        sim.simulate(one, Settings(), sim.parse_variants("linear", "auto"), [0], 2, out_dir=tmp_path, progress=False)
+
+
+def test_an_empty_pool_and_one_image_per_class(tiny_backbone, tmp_path):
+    s = Settings(backbone=tiny_backbone, clusters=0)
+    data = _small_dataset()
+    tiny = sim.Dataset("tiny", data.train_images[:2], data.train_labels[:2], data.test_images, data.test_labels,
+                       data.classes)
+    prep = sim.prepare(tiny, s, tmp_path / "cache")
+    everything = sim.simulated_cycle(prep, s, np.arange(2))  # one image per class, all labeled: the pool is empty
+    assert everything.trained and everything.order.size == 0 and everything.queue_scores.size == 0
+    rows = list(sim.run_seed(prep, s, sim.Variant("linear", "auto"), 0, cycles=5, budget=1))
+    assert [r["labels"] for r in rows] == [1, 2]  # stops when the pool is empty
+    assert 0.0 <= rows[-1]["accuracy"] <= 1.0
+
+
+def test_a_class_nobody_labeled_is_never_predicted(tiny_backbone, tmp_path):
+    from peal_backend.training import fit_head
+
+    x = torch.randn(6, 8)
+    w, b = fit_head(x, torch.tensor([0, 0, 0, 2, 2, 2]), 4)  # classes 1 and 3 have no label
+    probs = torch.softmax(torch.randn(50, 8) @ w.T + b, dim=1)
+    assert probs[:, [1, 3]].max() < 1e-6 and set(probs.argmax(1).tolist()) <= {0, 2}
+    assert torch.equal(w[1], torch.zeros(8)) and torch.equal(w[3], torch.zeros(8))
