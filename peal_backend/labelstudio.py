@@ -195,6 +195,19 @@ class LabelStudio:
         version that no prediction and no connected ML backend has: create predictions first."""
         self._json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version})
 
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """Every model version the project's predictions carry, with how many predictions each has."""
+        return self._json("GET", f"/api/projects/{int(project_id)}/model-versions/") or {}
+
+    def delete_model_version(self, project_id: int, model_version: str) -> int:
+        """Delete every prediction of `model_version` in the project; returns how many."""
+        r = self._request("DELETE", f"/api/projects/{int(project_id)}/model-versions/",
+                          json={"model_version": model_version})
+        if r.status_code == 404:
+            return 0
+        body = r.json()  # 1.23 answers {"deleted_predictions": n}
+        return int(next(iter(body.values()), 0)) if isinstance(body, dict) else int(body or 0)
+
     def set_sampling(self, project_id: int, sampling: str = "Uncertainty sampling") -> None:
         if sampling not in SAMPLING:
             raise ValueError(f"sampling {sampling!r}: expected one of {', '.join(SAMPLING)}")

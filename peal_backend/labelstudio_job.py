@@ -21,7 +21,7 @@ from .labelstudio import LabelStudio
 from .model import (CLUSTERS_FILE, QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
                     task_image_url, version_prefix)
 from .scoring import prefill_sharded
-from .store import ModelStore
+from .store import ModelStore, version_number
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,12 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                         "pool_sharding": sharding},
             "parameters": counts}
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
+    # never reuse a name Label Studio holds (a backend that lost MODEL_DIR would otherwise name its first
+    # version v1 again, and tasks already holding a v1 prediction would keep the old model's)
+    held = ls.model_versions(project) if settings.push_predictions else {}
     version = store.save(project, prefix, state, meta,
                          files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)}},
-                         keep=settings.keep_versions)
+                         keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))
     log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
              "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)
 
@@ -147,6 +150,12 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             ls.set_model_version(project, version.name)
         if settings.set_uncertainty_sampling:
             ls.set_sampling(project, "Uncertainty sampling")
+        # versions this backend no longer keeps: their predictions go too (Label Studio's version list
+        # and the tasks' prediction lists would otherwise grow with every training)
+        kept = set(store.versions(project)) | {version.name}
+        for old in held:
+            if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
+                ls.delete_model_version(project, old)
     first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
     return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
             "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),

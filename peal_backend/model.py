@@ -235,7 +235,10 @@ class PealModel:
             fallback = uncertainty_score(out.probs, loaded.multiple)
             for j, i in enumerate(positions):
                 tid = _task_id(tasks[i])
-                score = loaded.queue.get(str(tid), float(fallback[j]))
+                # one scale for every score: the task's place in the queue, 0 = label next, 1 = last. A task
+                # imported after the last ordering goes last until the re-order TASKS_CREATED queued places
+                # it; only a backend that pushes no queue (PEAL_PUSH_PREDICTIONS=false) scores by uncertainty
+                score = loaded.queue.get(str(tid), 1.0) if loaded.queue else float(fallback[j])
                 results[i] = {"result": choices_result(spec, out.probs[j], self.settings.threshold),
                               "score": float(score), "model_version": loaded.version.name}
         return results  # type: ignore[return-value]

@@ -96,13 +96,15 @@ class ModelStore:
         return self.get(project, names[-1]) if names else None
 
     def save(self, project: int, prefix: str, weights: dict[str, torch.Tensor], meta: dict,
-             files: dict[str, object] | None = None, keep: int = 0) -> ModelVersion:
-        """Write a new version atomically and return it. `files`: extra JSON documents by file name."""
+             files: dict[str, object] | None = None, keep: int = 0, after: int = 0) -> ModelVersion:
+        """Write a new version atomically and return it. `files`: extra JSON documents by file name.
+        Its number is above every version here and above `after` (numbers taken elsewhere, e.g. by
+        versions Label Studio still holds from a MODEL_DIR that was lost)."""
         with self._lock(project) as d:
             for stale in d.glob(".tmp-*"):  # left by a writer that died; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)
             existing = self.versions(project)
-            n = max((version_number(v) for v in existing), default=0) + 1
+            n = max([version_number(v) for v in existing] + [int(after)]) + 1
             name = f"{prefix}-v{n}"
             tmp = d / f".tmp-{uuid.uuid4().hex}"
             tmp.mkdir()

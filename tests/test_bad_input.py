@@ -521,3 +521,31 @@ def test_predict_for_a_project_label_studio_does_not_know_is_a_502(label_studio,
     r = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "x"}}], "project": 987654})
     assert r.status_code == 502 and "GET /api/projects/987654/ -> 404" in r.json["error"]
     assert label_studio.token not in r.get_data(as_text=True)
+
+
+@pytest.mark.labelstudio
+def test_versions_never_repeat_what_label_studio_holds_and_pruned_ones_leave_it(label_studio, served, settings, tmp_path):
+    """A backend that lost MODEL_DIR names its next version above every version Label Studio holds, and
+    every unlabeled task gets that version's prediction; versions pruned from MODEL_DIR
+    (PEAL_KEEP_VERSIONS) have their predictions deleted in Label Studio."""
+    import shutil
+
+    from peal_backend.labelstudio import LabelStudio
+    from peal_backend.labelstudio_job import train_project
+    from peal_backend.store import ModelStore, version_number
+
+    pid, t = ls_project(label_studio, served, 6)
+    label_studio.client.annotations.create(id=t[0], result=_choice("pneumonia"))
+    label_studio.client.annotations.create(id=t[1], result=_choice("normal"))
+    s = ls_settings(settings, label_studio, served, tmp_path).replace(keep_versions=2)
+    client = LabelStudio(label_studio.url, label_studio.token)
+    names = [train_project(pid, s, "test")["model_version"] for _ in range(3)]
+    assert [version_number(n) for n in names] == [1, 2, 3]
+    assert set(client.model_versions(pid)) == set(ModelStore(s.model_dir).versions(pid)) == set(names[1:])
+
+    shutil.rmtree(s.model_dir)  # the backend lost its versions; Label Studio still holds v2 and v3
+    out = train_project(pid, s, "test")
+    assert version_number(out["model_version"]) == 4 and out["predictions_pushed"] == out["n_pool"] == 4
+    held = client.model_versions(pid)
+    assert held[out["model_version"]] == 4 and set(held) == {out["model_version"]}
+    assert client.project(pid)["model_version"] == out["model_version"]
