@@ -181,7 +181,9 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         model = get_model()
         version = model.setup(pid, data.get("schema") or data.get("label_config"))
         stats.count("setup")
-        if settings.cold_start and settings.label_studio_api_key and model.store.latest(pid) is None:
+        # (Label Studio calls /setup several times while connecting: one ordering is enough)
+        if (settings.cold_start and settings.label_studio_api_key and model.store.latest(pid) is None
+                and get_queue().status(pid).get("state") == "idle"):
             # a project just connected: order its queue now (no label needed), so that Label Studio
             # serves representative tasks first instead of random ones
             get_queue().request_training(pid, "connected")
