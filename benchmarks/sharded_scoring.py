@@ -26,7 +26,7 @@ import torch
 from benchmarks.pool_scoring import DATASETS, dinov2_small
 from peal_backend.config import Settings
 from peal_backend.images import content_hash, to_pil
-from peal_backend.scoring import fill_cache_sharded
+from peal_backend.sharding import fill_cache_sharded
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

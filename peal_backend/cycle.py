@@ -33,13 +33,14 @@ class ImageSet:
     held as pixels, and images whose frozen activations are cached are not even preprocessed)."""
     hashes: list[str]
     pixels: Callable[[list[int]], torch.Tensor]
+    size: int  # the square input size the pixels come at
 
     def __len__(self) -> int:
         return len(self.hashes)
 
     @classmethod
     def from_tensor(cls, hashes: list[str], pixels: torch.Tensor) -> "ImageSet":
-        return cls(list(hashes), lambda positions: pixels[positions])
+        return cls(list(hashes), lambda positions: pixels[positions], int(pixels.shape[-1]))
 
 
 @dataclass
@@ -132,8 +133,7 @@ def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_di
     """The one inference path of a cycle: finished from the activation cache where the model has a frozen
     prefix (and a cache folder is given), else a chunked forward."""
     if cache_dir and settings.activation_cache and cacheable(clf):
-        size = images.pixels([0]).shape[-1] if len(images) else 0
-        cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, size))
+        cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, images.size))
         return score_cached(clf, settings, images.hashes, images.pixels, cache, multilabel=multilabel)
     n = len(images)
     parts = [predict(clf, images.pixels(list(range(i, min(n, i + POOL_CHUNK)))), settings, multilabel=multilabel)
@@ -150,7 +150,7 @@ def concat(a: ImageSet, b: ImageSet) -> ImageSet:
         left, right = [p for p in positions if p < n], [p - n for p in positions if p >= n]
         parts = ([a.pixels(left)] if left else []) + ([b.pixels(right)] if right else [])
         return torch.cat(parts)
-    return ImageSet(a.hashes + b.hashes, pixels)
+    return ImageSet(a.hashes + b.hashes, pixels, a.size)
 
 
 def _uniform(n: int, n_classes: int, embeddings: np.ndarray) -> Prediction:

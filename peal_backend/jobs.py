@@ -657,7 +657,7 @@ def make_queue(settings: Settings, job: str = TRAIN_JOB, key_prefix: str | None 
 
 def run_worker(settings: Settings, burst: bool = False) -> None:
     """``peal-backend worker``: run training jobs from the RQ queue ``settings.queue_name``, and
-    pool-scoring shards from ``<queue_name>-score`` (see scoring.fill_cache_sharded).
+    pool-scoring shards from ``<queue_name>-score`` (see sharding.fill_cache_sharded).
 
     It is an RQ SimpleWorker: the job runs in this process, not in a forked child. Forking a process
     that holds torch's thread pools is fragile, and a SIGKILL must take the job down with the worker
@@ -674,7 +674,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     from .training import configure_torch
     configure_torch(settings)
     connection = redis.Redis.from_url(settings.redis_url)
-    from .scoring import score_queue_name
+    from .sharding import score_queue_name
     # pool-scoring shards first: they help a training that is already running finish sooner
     queues = [Queue(score_queue_name(settings), connection=connection), Queue(settings.queue_name, connection=connection)]
     while True:

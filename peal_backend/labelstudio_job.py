@@ -20,7 +20,7 @@ from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
 from .model import (CLUSTERS_FILE, QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
                     task_image_url, version_prefix)
-from .scoring import prefill_sharded
+from .sharding import prefill_sharded
 from .store import ModelStore, version_number
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     spec = parse_label_config(ls.project(project)["label_config"])
 
     examples, skipped = labeled_examples(ls, project, spec)
+    # every read from Label Studio before the long part. The versions it holds: never reuse one of their
+    # names (a backend that lost MODEL_DIR would otherwise name its first version v1 again, and tasks
+    # already holding a v1 prediction would keep the old model's)
+    held = ls.model_versions(project) if settings.push_predictions else {}
     tasks, images, hashes, bad = _fetch_all(fetcher, [t for t, _ in examples], spec, "labeled", project)
     label_of = {t["id"]: labs for t, labs in examples}
     n_classes = len(spec.labels)
@@ -110,7 +114,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         init = latest.weights()
     labeled = ImageSet.from_tensor(hashes, preprocess(images, size) if images else torch.zeros(0, 3, size, size))
     pool = ImageSet(pool_hashes, lambda positions: preprocess(
-        [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size))
+        [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
     result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
                        cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
 
@@ -127,9 +131,6 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                         "pool_sharding": sharding},
             "parameters": counts}
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
-    # never reuse a name Label Studio holds (a backend that lost MODEL_DIR would otherwise name its first
-    # version v1 again, and tasks already holding a v1 prediction would keep the old model's)
-    held = ls.model_versions(project) if settings.push_predictions else {}
     version = store.save(project, prefix, state, meta,
                          files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)}},
                          keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))

@@ -1,13 +1,12 @@
 """Label Studio payloads in, engine calls, Label Studio results out.
 
 `PealModel` has the shape of a Label Studio ML backend model (setup / predict; training is the
-background job in `cycle.py`). Label-config parsing uses label-studio-sdk's `LabelInterface`.
+background job in `labelstudio_job.py`). Label-config parsing uses label-studio-sdk's `LabelInterface`.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +16,8 @@ from . import acquisition
 from .backbone import Classifier, build_classifier, input_size
 from .config import Settings
 from .images import ImageError, ImageFetcher, content_hash, preprocess
-from .scoring import ActivationCache, cache_key, cacheable, score_cached
 from .store import ModelStore, ModelVersion
-from .training import Prediction, bf16_enabled, predict
+from .training import Prediction, bf16_enabled
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +196,13 @@ class PealModel:
         return self.model_version(project)
 
     def score(self, loaded: LoadedModel, images: list, hashes: list[str]) -> Prediction:
-        if self.settings.activation_cache and cacheable(loaded.classifier):
-            return cached_predict(loaded, images, hashes, self.settings.activation_cache_dir)
-        return predict_images(loaded, images)
+        """The cycle's one inference path (`cycle.score_images`): through the activation cache where the
+        model has a frozen prefix."""
+        from .cycle import ImageSet, score_images
+
+        batch = ImageSet(list(hashes), lambda positions: preprocess([images[i] for i in positions], loaded.size), loaded.size)
+        cache = self.settings.activation_cache_dir if self.settings.activation_cache else None
+        return score_images(loaded.classifier, loaded.settings, batch, cache, multilabel=loaded.multiple)
 
     def predict(self, tasks: list, project: int, label_config: str) -> list[dict]:
         """One result per task, in order. A task whose image fails gets an empty result (and an `error`),
@@ -242,18 +244,6 @@ class PealModel:
                 results[i] = {"result": choices_result(spec, out.probs[j], self.settings.threshold),
                               "score": float(score), "model_version": loaded.version.name}
         return results  # type: ignore[return-value]
-
-
-def predict_images(loaded: LoadedModel, images: list) -> Prediction:
-    pixels = preprocess(images, loaded.size)
-    return predict(loaded.classifier, pixels, loaded.settings, multilabel=loaded.multiple)
-
-
-def cached_predict(loaded: LoadedModel, images: list, hashes: list[str], cache_root: str) -> Prediction:
-    """Like predict_images, but images whose frozen activations are cached skip the backbone."""
-    cache = ActivationCache.shared(Path(cache_root) / cache_key(loaded.settings, loaded.classifier, loaded.size))
-    return score_cached(loaded.classifier, loaded.settings, hashes,
-                        lambda pos: preprocess([images[i] for i in pos], loaded.size), cache, multilabel=loaded.multiple)
 
 
 def task_image_url(task: dict, spec: LabelSpec) -> str:

@@ -26,7 +26,7 @@ import csv
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -332,7 +332,8 @@ class Prepared:
         if idx is None:
             return ImageSet.from_tensor(hashes, pixels)
         idx = np.asarray(idx, dtype=np.int64)
-        return ImageSet([hashes[i] for i in idx], lambda positions: pixels[torch.from_numpy(idx[positions])])
+        return ImageSet([hashes[i] for i in idx], lambda positions: pixels[torch.from_numpy(idx[positions])],
+                        int(pixels.shape[-1]))
 
 
 def image_hash(image) -> str:

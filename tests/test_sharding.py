@@ -9,7 +9,8 @@ import pytest
 
 from peal_backend.config import Settings
 from peal_backend.images import content_hash, preprocess, to_pil
-from peal_backend.scoring import ActivationCache, _frozen_model, fill_cache_sharded, frozen_activations
+from peal_backend.scoring import ActivationCache, frozen_activations
+from peal_backend.sharding import _frozen_model, fill_cache_sharded
 from tests.backbone_fixture import tiny_backbone  # noqa: F401
 from tests.conftest import DATASETS
 from tests.test_jobs import REDIS_URL, Workers, _redis_or_skip, forget_queue
