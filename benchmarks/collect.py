@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["label_efficiency", "peal_mini", "pool_scoring", "rescore", "sharded_scoring", "predict_latency",
+ORDER = ["queue_order", "head_fit", "peal_mini", "pool_scoring", "rescore", "sharded_scoring", "predict_latency",
          "selection", "load"]
 INTRO = """# Benchmarks
 

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import stats
 
 REFERENCE = "linear/random"
+MARK_START, MARK_END = "<!-- report:start -->", "<!-- report:end -->"
 
 
 def load(folder: Path) -> list[dict]:
@@ -141,6 +142,14 @@ def main() -> None:
     args = p.parse_args()
     text = report(args.folder, args.reference)
     (args.folder / "report.md").write_text(text + "\n")
+    # the section of BENCHMARKS.md that quotes these tables keeps them between markers, so they cannot drift
+    page = args.folder.parent / f"{args.folder.name}.md"
+    if page.exists() and MARK_START in page.read_text():
+        body = page.read_text()
+        head, rest = body.split(MARK_START, 1)
+        tail = rest.split(MARK_END, 1)[1]
+        tables = text.split("\n", 1)[1].replace("](", f"]({args.folder.name}/")
+        page.write_text(head + MARK_START + "\n" + tables.strip() + "\n" + MARK_END + tail)
     print(text)
 
 
