@@ -90,18 +90,20 @@ class Settings:
     set_uncertainty_sampling: bool = _env("PEAL_SET_UNCERTAINTY_SAMPLING", False, "After training, set the project's sampling to \"Uncertainty sampling\".", bool)
 
     # --- Acquisition -----------------------------------------------------------------------------
-    strategy: str = _env("PEAL_STRATEGY", "auto", "Acquisition strategy ordering the queue. `auto`: coverage while labels are few, "
-                         "uncertainty with diversity once every class has labels (PEAL_AUTO_*).", str,
+    strategy: str = _env("PEAL_STRATEGY", "auto", "Acquisition strategy ordering the queue. `auto`: PEAL_AUTO_START while labels are few, "
+                         "PEAL_AUTO_UNCERTAINTY once every class has labels (PEAL_AUTO_SWITCH).", str,
                          ("auto", "random", "entropy", "margin", "least_confidence", "featdist", "coreset", "badge", "typiclust",
                           "probcover", "dropquery"))
-    auto_coverage: str = _env("PEAL_AUTO_COVERAGE", "typiclust", "`auto`'s strategy while labels are few (and before two classes are labeled).",
-                              str, ("typiclust", "probcover", "random"))
+    auto_start: str = _env("PEAL_AUTO_START", "random", "`auto`'s order while labels are few (and before two classes are labeled): "
+                           "random, or a coverage strategy (typiclust, probcover). Random measured safest with peal-mini (BENCHMARKS.md).",
+                           str, ("random", "typiclust", "probcover"))
     auto_uncertainty: str = _env("PEAL_AUTO_UNCERTAINTY", "margin", "`auto`'s strategy once every class has labels.", str,
                                  ("margin", "entropy", "badge", "dropquery", "random"))
-    auto_switch_per_class: float = _env("PEAL_AUTO_SWITCH", 3.0, "`auto` switches from coverage to uncertainty once every class is "
+    auto_switch_per_class: float = _env("PEAL_AUTO_SWITCH", 3.0, "`auto` switches to PEAL_AUTO_UNCERTAINTY once every class is "
                                         "labeled and there are this many labels per class on average.", float)
-    clusters: int = _env("PEAL_CLUSTERS", 0, "Label Studio `cluster` on pushed predictions: k-means clusters of the backbone's "
-                         "embeddings (0 = a default from the pool size, -1 = none). See README: how clusters and scores interact.", int)
+    clusters: int = _env("PEAL_CLUSTERS", -1, "Label Studio `cluster` on pushed predictions: k-means clusters of the backbone's "
+                         "embeddings; Label Studio then serves the least-labeled cluster first (0 = k from the pool size, k > 0 = k "
+                         "clusters, -1 = none). Costs one request per prediction; measured no gain (README, BENCHMARKS.md).", int)
     balance: bool = _env("PEAL_BALANCE", False, "Class-balance the strategy's picks (PEAL / C-PEAL scheme).", bool)
     candidate_fraction: float = _env("PEAL_CANDIDATE_FRACTION", 0.1, "Class balancing chooses among this top fraction of the strategy's ranking.", float)
     budget: int = _env("PEAL_BUDGET", 0, "Batch size the strategy selects each cycle (0 = number of classes).", int)

@@ -84,15 +84,16 @@ def can_train(targets: torch.Tensor, multiple: bool) -> bool:
 
 
 def auto_strategy(settings: Settings, labels: np.ndarray, n_classes: int, trained: bool) -> str:
-    """What `PEAL_STRATEGY=auto` runs now: coverage (`auto_coverage`) while labels are few, i.e. before
-    a classifier exists, while some class has no label, or while there are fewer than
-    `auto_switch_per_class` labels per class; uncertainty with diversity (`auto_uncertainty`) after."""
+    """What `PEAL_STRATEGY=auto` runs now: `auto_start` while labels are few, i.e. before a classifier
+    exists, while some class has no label, or while there are fewer than `auto_switch_per_class` labels
+    per class; `auto_uncertainty` after. Uncertainty is below random until the model knows every class
+    (Pourahmadi et al. 2021); the start and the switch are chosen by measurement (BENCHMARKS.md)."""
     if settings.strategy != "auto":
         # with no classifier, only a coverage strategy has anything to go on
         return settings.strategy if trained or settings.strategy in acquisition.COVERAGE_STRATEGIES else "random"
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
     if not trained or (counts == 0).any() or counts.sum() < settings.auto_switch_per_class * n_classes:
-        return settings.auto_coverage
+        return settings.auto_start
     return settings.auto_uncertainty
 
 

@@ -278,7 +278,7 @@ class Variant:
     def settings(self, settings: Settings) -> Settings:
         s = settings.replace(adapter=self.adapter, strategy=self.strategy, balance=self.balance, calibration=self.calibration)
         if self.auto:
-            s = s.replace(auto_coverage=self.auto[0], auto_uncertainty=self.auto[1], auto_switch_per_class=float(self.auto[2]))
+            s = s.replace(auto_start=self.auto[0], auto_uncertainty=self.auto[1], auto_switch_per_class=float(self.auto[2]))
         return s
 
 
@@ -299,7 +299,7 @@ def parse_variants(adapters: str, strategies: str, balance: bool = False, calibr
                 parts = name.split(":")
                 try:
                     auto = (parts[1], parts[2], float(parts[3]))
-                    Settings(auto_coverage=auto[0], auto_uncertainty=auto[1], auto_switch_per_class=auto[2])
+                    Settings(auto_start=auto[0], auto_uncertainty=auto[1], auto_switch_per_class=auto[2])
                 except (IndexError, ValueError) as exc:
                     raise SimulationError(f"--strategy {spec!r}: expected auto:COVERAGE:UNCERTAINTY:SWITCH ({exc})") from None
                 name = "auto"

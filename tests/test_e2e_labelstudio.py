@@ -99,7 +99,7 @@ class Backend:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def start_backend(server, backbone, tmp: Path, auth: tuple[str, str] | None = None) -> Backend:
+def start_backend(server, backbone, tmp: Path, auth: tuple[str, str] | None = None, **extra: str) -> Backend:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PEAL_", "LABEL_STUDIO_", "BASIC_AUTH_"))}
     env.pop("REDIS_URL", None)  # embedded queue: trainings in the server process's background thread
@@ -111,6 +111,7 @@ def start_backend(server, backbone, tmp: Path, auth: tuple[str, str] | None = No
     })
     if auth:
         env.update({"BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1]})
+    env.update(extra)
     log_path = tmp / f"backend-{port}.log"
     with open(log_path, "wb") as log:
         # The same command as the Dockerfile's CMD, on loopback.
@@ -362,7 +363,7 @@ def test_cold_start_orders_a_connected_project_before_any_label(label_studio, xr
     server = label_studio
     client = LabelStudio(server.url, server.token)
     pid, truth = make_project(server, xrays, "e2e cold start", 10, 4)
-    backend = start_backend(server, backbone, tmp_path)
+    backend = start_backend(server, backbone, tmp_path, PEAL_CLUSTERS="0")
     try:
         connect_backend.connect(server.client, pid, backend.url)
         status = wait_for_runs(backend, pid, 1)  # /setup queued the ordering: no annotation was made

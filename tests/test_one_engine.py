@@ -28,7 +28,7 @@ def image_index(task: dict) -> int:
     return int(re.search(r"(?:xray|upload)-(\d+)\.png", task["data"]["image"]).group(1))
 
 
-@pytest.mark.parametrize("strategy, n_labels", [("auto", 4), ("margin", 6)])
+@pytest.mark.parametrize("strategy, n_labels", [("auto", 4), ("typiclust", 4), ("margin", 6)])
 def test_simulator_and_training_job_produce_the_same_order(label_studio, xrays, backbone, tmp_path, strategy, n_labels):
     server = label_studio
     client = LabelStudio(server.url, server.token)
@@ -39,7 +39,7 @@ def test_simulator_and_training_job_produce_the_same_order(label_studio, xrays, 
     annotate(server, picked, truth)
 
     settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
-                        backbone=backbone[0], image_size=backbone[1], strategy=strategy, push_predictions=True)
+                        backbone=backbone[0], image_size=backbone[1], strategy=strategy, clusters=0)
     result = train_project(pid, settings, "test")
     assert result["status"] == "trained"
     store = ModelStore(settings.model_dir)

@@ -227,12 +227,12 @@ def test_a_project_with_few_labels_is_served_in_coverage_order_then_trains(tiny_
     s = Settings(backbone=tiny_backbone, clusters=-1)
     prep = sim.prepare(_small_dataset(), s, tmp_path / "cache")
     cold = sim.simulated_cycle(prep, s, np.zeros(0, np.int64))
-    assert not cold.trained and cold.strategy == s.auto_coverage and cold.order.size == len(prep.train_hashes)
+    assert not cold.trained and cold.strategy == s.auto_start and cold.order.size == len(prep.train_hashes)
     one_class = np.flatnonzero(prep.data.train_labels == 0)[:3]
     assert not sim.simulated_cycle(prep, s, one_class).trained
     both = np.concatenate([one_class, np.flatnonzero(prep.data.train_labels == 1)[:1]])
     trained = sim.simulated_cycle(prep, s, both)
-    assert trained.trained and trained.strategy == s.auto_coverage  # 4 labels < 3 per class: still coverage
+    assert trained.trained and trained.strategy == s.auto_start  # 4 labels < 3 per class: still coverage
 
 
 def test_labels_to_reach_and_summary_reference():
