@@ -6,8 +6,9 @@ same ranking, so every figure the simulator publishes measures the code users ru
 models how Label Studio's uncertainty sampling serves that ranking between two retrains.
 
 A cycle has two phases:
-- cold (fewer than two classes labeled): no classifier is trained or shown; the pool is ordered by a
-  coverage strategy on the frozen backbone's embeddings, so the first tasks are representative ones;
+- cold (fewer than two classes labeled): no classifier is trained or shown; the pool is still ordered
+  (`auto`'s start strategy: a seeded random order, or coverage on the frozen backbone's embeddings), so
+  Label Studio serves that order instead of its random fallback;
 - trained: the classifier is fitted (`training.fit`) and the pool ranked by the strategy.
 `PEAL_STRATEGY=auto` picks the strategy from what is labeled (`auto_strategy`).
 """
