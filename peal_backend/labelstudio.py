@@ -221,8 +221,10 @@ class LabelStudio:
     # --- tasks ----------------------------------------------------------------------------------
 
     def tasks(self, project_id: int, include: str | None = None) -> Iterator[dict]:
-        """Every task of the project, with annotations and predictions inline, a page at a time."""
-        page = 1
+        """Every task of the project, with annotations and predictions inline (or only the fields in
+        `include`), a page at a time, until the `total` Label Studio reports (a short page alone does
+        not end the scan: Label Studio may cap the page size)."""
+        page, seen = 1, 0
         while True:
             params = {"project": int(project_id), "fields": "all", "page": page, "page_size": PAGE_SIZE}
             if include:
@@ -230,11 +232,28 @@ class LabelStudio:
             r = self._request("GET", "/api/tasks/", params=params)
             if r.status_code == 404:  # "Invalid page": past the end
                 return
-            tasks = r.json().get("tasks", [])
+            body = r.json()
+            tasks = body.get("tasks", [])
             yield from tasks
-            if len(tasks) < PAGE_SIZE:
+            seen += len(tasks)
+            total = body.get("total")
+            if not tasks or (total is not None and seen >= int(total)) or (total is None and len(tasks) < PAGE_SIZE):
                 return
             page += 1
+
+    def split_tasks(self, project_id: int) -> tuple[list[tuple[dict, dict]], list[dict]]:
+        """One scan: (task, latest usable annotation) for the labeled tasks, and the unlabeled tasks.
+        Two scans would see a task annotated between them as both. (Predictions ride along: Label
+        Studio 1.23's `include` cuts nested annotations down to their id, so it cannot leave them out;
+        the backend deletes the predictions of versions it pruned, which bounds them.)"""
+        labeled, unlabeled = [], []
+        for task in self.tasks(project_id):
+            annotation = latest_usable_annotation(task)
+            if annotation is None:
+                unlabeled.append(task)
+            else:
+                labeled.append((task, annotation))
+        return labeled, unlabeled
 
     def labeled_tasks(self, project_id: int) -> Iterator[tuple[dict, dict]]:
         """(task, annotation) for every task with a usable annotation: the latest one, skipping

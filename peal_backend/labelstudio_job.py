@@ -46,10 +46,10 @@ def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: 
     return kept, images, hashes, errors
 
 
-def labeled_examples(ls: LabelStudio, project: int, spec: LabelSpec):
+def labeled_examples(labeled: list[tuple[dict, dict]], project: int, spec: LabelSpec):
     """(task, label indices) for every task whose latest usable annotation names our choices."""
     out, skipped = [], 0
-    for task, annotation in ls.labeled_tasks(project):
+    for task, annotation in labeled:
         try:
             labels = spec.labels_of(annotation.get("result") or [])
         except PayloadError as exc:
@@ -77,7 +77,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     store = ModelStore(settings.model_dir)
     spec = parse_label_config(ls.project(project)["label_config"])
 
-    examples, skipped = labeled_examples(ls, project, spec)
+    labeled_tasks, unlabeled_tasks = ls.split_tasks(project)
+    examples, skipped = labeled_examples(labeled_tasks, project, spec)
     # every read from Label Studio before the long part. The versions it holds: never reuse one of their
     # names (a backend that lost MODEL_DIR would otherwise name its first version v1 again, and tasks
     # already holding a v1 prediction would keep the old model's)
@@ -93,7 +94,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         targets = torch.tensor([label_of[t["id"]][0] for t in tasks], dtype=torch.long)
 
     size = input_size(settings, load_backbone(settings.backbone).config)
-    pool_tasks, _, pool_hashes, pool_bad = _fetch_all(fetcher, list(ls.unlabeled_tasks(project)), spec,
+    pool_tasks, _, pool_hashes, pool_bad = _fetch_all(fetcher, unlabeled_tasks, spec,
                                                       "unlabeled", project, keep_images=False)
     if not tasks and not pool_tasks:
         log.info("project %s: no task with a usable image (%d annotations skipped, %d images failed)",
