@@ -429,15 +429,21 @@ def execute_job(store, project_id: int, settings: Settings, reason: str, job: st
         heartbeat.kind = "running"
         heartbeat.beat()
         started = time.monotonic()
+        log.info("project %s: training started (%s)", project_id, reason)
         try:
             result = resolve_job(job)(project_id, settings, reason)
             result_text = _result_json(result)
         except BaseException as exc:
             heartbeat.stop()
-            store.finish(project_id, token, "failed", "", safe_error(exc, settings), time.monotonic() - started)
+            error = safe_error(exc, settings)
+            store.finish(project_id, token, "failed", "", error, time.monotonic() - started)
+            log.warning("project %s: training failed after %.1f s (%s): %s", project_id, time.monotonic() - started,
+                        reason, error)
             raise
         heartbeat.stop()
         store.finish(project_id, token, "finished", result_text, "", time.monotonic() - started)
+        outcome = result.get("model_version") or result.get("status") if isinstance(result, dict) else None
+        log.info("project %s: training ended in %.1f s (%s): %s", project_id, time.monotonic() - started, reason, outcome)
         return result
     finally:
         heartbeat.stop()

@@ -16,7 +16,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
-from .backbone import BackboneLoadError
+from .backbone import BackboneLoadError, load_backbone
 from .config import Settings
 from .images import ImageFetcher
 from .jobs import QueueError
@@ -180,6 +180,21 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         pid = project_id(data.get("project"))
         model = get_model()
         version = model.setup(pid, data.get("schema") or data.get("label_config"))
+        # what would make the first training fail minutes later, answered now, where Label Studio
+        # shows it while connecting: a backbone that cannot load (503 naming PEAL_BACKBONE), a token
+        # Label Studio refuses
+        load_backbone(settings.backbone)
+        if settings.label_studio_api_key:
+            try:
+                ls_client().project(pid)
+            except LabelStudioError as exc:
+                if any(f"-> {code}" in str(exc) for code in (401, 403)):
+                    raise PayloadError(f"LABEL_STUDIO_API_KEY is not accepted by Label Studio at LABEL_STUDIO_URL "
+                                       f"({exc}); give the backend a valid token") from None
+                raise
+        else:
+            log.warning("LABEL_STUDIO_API_KEY is not set: the backend can predict but cannot read annotations, "
+                        "fetch Label Studio's images or push predictions")
         stats.count("setup")
         # (Label Studio calls /setup several times while connecting: one ordering is enough)
         if (settings.cold_start and settings.label_studio_api_key and model.store.latest(pid) is None

@@ -549,3 +549,24 @@ def test_versions_never_repeat_what_label_studio_holds_and_pruned_ones_leave_it(
     held = client.model_versions(pid)
     assert held[out["model_version"]] == 4 and set(held) == {out["model_version"]}
     assert client.project(pid)["model_version"] == out["model_version"]
+
+
+@pytest.mark.labelstudio
+def test_setup_names_a_token_label_studio_refuses(label_studio, settings, tmp_path, served):
+    """A wrong LABEL_STUDIO_API_KEY used to pass /setup ("Connected") and fail the first training
+    minutes later; now connecting fails with the setting named."""
+    s = ls_settings(settings, label_studio, served, tmp_path).replace(label_studio_api_key="0" * 40)
+    pid, _ = ls_project(label_studio, served, 0)
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    r = client.post("/setup", json={"project": pid, "schema": CONFIG})
+    assert r.status_code == 400 and "LABEL_STUDIO_API_KEY" in r.json["error"] and "0" * 40 not in r.json["error"]
+    good = create_app(ls_settings(settings, label_studio, served, tmp_path),
+                      queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    assert good.post("/setup", json={"project": pid, "schema": CONFIG}).status_code == 200
+
+
+def test_setup_names_a_backbone_that_cannot_load(settings, tmp_path):
+    s = settings.replace(backbone=str(tmp_path / "no-such-model"))
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    r = client.post("/setup", json={"project": PROJECT, "schema": CONFIG})
+    assert r.status_code == 503 and "PEAL_BACKBONE" in r.json["error"]
