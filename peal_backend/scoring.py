@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FILL_CHUNK = 1024  # images preprocessed and pushed through the frozen blocks at once
 COMPACT_AT = 64  # shards in one cache folder before they are merged
+FINISH_CHUNK = 1024  # cached entries read back and finished at once (bounds a re-score's memory)
 
 
 def cacheable(clf: Classifier) -> bool:
@@ -227,4 +228,8 @@ def score_cached(clf: Classifier, settings: Settings, hashes: list[str], pixels,
         chunk = todo[start:start + FILL_CHUNK]
         px = pixels(chunk) if callable(pixels) else pixels[chunk]
         cache.put([hashes[i] for i in chunk], frozen_activations(clf, px, settings))
-    return score_from_activations(clf, cache.get(hashes), settings, multilabel=multilabel)
+    # finished a chunk at a time: with LoRA on the last K blocks an entry is a whole token sequence
+    # (257 x 384 floats at 224 px, 395 KB), so the whole pool at once would be gigabytes
+    parts = [score_from_activations(clf, cache.get(hashes[i:i + FINISH_CHUNK]), settings, multilabel=multilabel)
+             for i in range(0, len(hashes), FINISH_CHUNK)]
+    return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "logits", "embeddings")))

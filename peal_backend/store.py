@@ -127,7 +127,11 @@ class ModelStore:
                 raise
             if keep > 0:
                 for old in self.versions(project)[:-keep]:
-                    shutil.rmtree(d / old, ignore_errors=True)
+                    # renamed out of the listing first (atomic), then deleted: a prune killed midway leaves
+                    # a hidden .tmp-* folder (removed by the next save), never a listed version without weights
+                    trash = d / f".tmp-pruned-{uuid.uuid4().hex}"
+                    os.rename(d / old, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
             return self.get(project, name)
 
     def read_json(self, version: ModelVersion, fname: str, default=None):

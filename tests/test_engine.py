@@ -232,3 +232,25 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f.metadata["env"] for f in dataclasses.fields(Settings) if f"`{f.metadata['env']}`" not in readme]
     assert not missing, f"README lacks {missing}: run python scripts/update_readme_settings.py"
+
+
+def test_a_prune_killed_midway_never_leaves_a_listed_version_without_weights(tmp_path, monkeypatch):
+    import shutil
+
+    from peal_backend import store as store_module
+
+    store = ModelStore(tmp_path)
+    for _ in range(2):
+        store.save(1, "peal-linear", {"w": torch.ones(2)}, {"labels": ["a", "b"]}, keep=2)
+
+    def killed_midway(path, ignore_errors=False):  # the weights go first, then the process dies
+        for f in sorted(os.listdir(path), key=lambda n: n != "trainable.safetensors"):
+            os.remove(os.path.join(path, f))
+            raise KeyboardInterrupt
+    monkeypatch.setattr(store_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(1, "peal-linear", {"w": torch.ones(2)}, {"labels": ["a", "b"]}, keep=2)
+    monkeypatch.setattr(store_module.shutil, "rmtree", shutil.rmtree)
+    for name in store.versions(1):
+        assert store.get(1, name).weights()["w"].shape == (2,)
+    assert store.versions(1) == ["peal-linear-v2", "peal-linear-v3"]

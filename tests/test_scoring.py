@@ -100,3 +100,23 @@ def test_cache_key_changes_when_the_backbone_weights_change(tiny_backbone):
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # retrained in place
     assert cache_key(s, clf, 28) != before
+
+
+def test_a_cached_rescore_reads_the_cache_a_chunk_at_a_time(tmp_path, tiny_backbone, retina, monkeypatch):
+    """Memory of a re-score is bounded: the cache is read back FINISH_CHUNK entries at a time, never
+    the whole pool at once, with the same scores as one read."""
+    from peal_backend import scoring
+
+    pixels, labels, hashes = retina
+    s = Settings(backbone=tiny_backbone, adapter="lora", lora_last_k=1, epochs=1, min_steps=2)
+    clf = build_classifier(s, 5)
+    fit(clf, pixels[:10], labels[:10], s)
+    cache = ActivationCache(tmp_path / cache_key(s, clf, 28))
+    whole = score_cached(clf, s, hashes, pixels, cache)
+    reads = []
+    get = ActivationCache.get
+    monkeypatch.setattr(ActivationCache, "get", lambda self, hs: reads.append(len(hs)) or get(self, hs))
+    monkeypatch.setattr(scoring, "FINISH_CHUNK", 7)
+    chunked = score_cached(clf, s, hashes, no_backbone, cache)
+    assert max(reads) == 7 and sum(reads) == len(hashes)
+    np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-6)
