@@ -25,6 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The Redis the tests use: a database of their own (15 by default), never the default 0 a real
+# deployment on the same machine would use. PEAL_TEST_REDIS_URL overrides it.
+TEST_REDIS_URL = os.environ.get("PEAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
 # $PEAL_DATASETS, else ../shared/datasets beside the repository (where CI puts it)
 DATASETS = Path(os.environ.get("PEAL_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 

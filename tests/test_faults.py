@@ -319,7 +319,7 @@ def test_worker_survives_redis_down_when_a_job_ends(own_redis, tmp_path, workers
 from tests.labelstudio_fixture import (label_studio, ls_executable, server_env,  # noqa: E402,F401
                                        stop_server)
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
+from tests.conftest import TEST_REDIS_URL as SHARED_REDIS  # noqa: E402
 
 
 def _choice(label):
@@ -400,7 +400,6 @@ def test_worker_killed_mid_training_previous_version_serves_and_the_retry_runs_o
         slow_queue, fast_queue = make_queue(slow), make_queue(fast)
         slow_queue.request_training(pid, "slow")
         wait_for(lambda: slow_queue.status(pid)["state"] == "running", "the slow training to start", timeout=60)
-        time.sleep(3)  # into the training loop
         workers[0].proc.send_signal(signal.SIGKILL)
         workers[0].proc.wait()
 
