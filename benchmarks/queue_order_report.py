@@ -102,34 +102,45 @@ def report(folder: Path, reference: str = REFERENCE) -> str:
     return "\n".join(lines)
 
 
+KEY = ("linear/auto", "lora/auto", "lora/random")  # drawn thick; the default's CI is shaded
+RIGHT = KEY + ("linear/typiclust", "linear/margin", "linear/badge", "linear/auto:typiclust:margin:3.0")
+SAME_AS_DEFAULT = "linear/auto:random:margin:3.0"  # the default's own spec: the same rows, not drawn twice
+
+
 def plot(dataset: str, cfgs: dict, reference: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = sorted(cfgs, key=lambda c: (c != reference, c))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    names = [c for c in sorted(cfgs, key=lambda c: (c != reference, c not in KEY, c)) if c != SAME_AS_DEFAULT]
     colours = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         curve = cfgs[name]
         x = sorted(curve)
         mean = [np.mean(list(curve[n].values())) for n in x]
-        style = dict(color="k", ls="--", lw=1.5) if name == reference else \
-            dict(color=colours(i % 20), lw=2.4 if name.endswith("/auto") else 1.2)
-        ax1.plot(x, mean, label=name, **style)
+        seeds = max(len(v) for v in curve.values())
         if name == reference:
+            style = dict(color="k", ls="--", lw=1.8)
+        elif name in KEY:
+            style = dict(color={"linear/auto": "tab:blue", "lora/auto": "tab:purple", "lora/random": "tab:gray"}[name], lw=2.6)
+        else:
+            style = dict(color=colours((i + 4) % 20), lw=1.0, alpha=0.75)
+        ax1.plot(x, mean, label=f"{name} ({seeds})", **style)
+        if name == reference or name not in RIGHT:
             continue
         d = [paired(curve[n], cfgs[reference][n]) if n in cfgs[reference] else (np.nan, np.nan, 0) for n in x]
         m, h = np.array([a for a, _, _ in d]), np.array([b for _, b, _ in d])
         ax2.plot(x, m, label=name, **style)
-        if name.endswith("/auto"):
-            ax2.fill_between(x, m - h, m + h, color=style["color"], alpha=0.2)
+        if name == "linear/auto":
+            ax2.fill_between(x, m - h, m + h, color=style["color"], alpha=0.2, label="linear/auto 95 % CI")
     ax2.axhline(0, color="k", ls="--", lw=1)
-    ax1.set(title=f"{dataset}: test accuracy (mean over seeds)", xlabel="labels", ylabel="accuracy")
-    ax2.set(title=f"paired difference to {reference} (auto: 95 % CI)", xlabel="labels", ylabel="Δ accuracy")
+    ax1.set(title=f"{dataset}: test accuracy (mean over seeds; seeds in brackets)", xlabel="labels", ylabel="accuracy")
+    ax2.set(title=f"paired difference to {reference}", xlabel="labels", ylabel="Δ accuracy")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=7, ncol=2)
+    ax1.legend(fontsize=6.5, ncol=2)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
