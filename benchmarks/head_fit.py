@@ -78,7 +78,11 @@ def main() -> None:
                 lines.append(f"| {name} | {per * data.n_classes} ({per}/class) | {np.mean(ours):.3f} | {np.mean(ref):.3f} | "
                              f"{d.mean():+.4f} | {np.abs(d).max():.4f} | {np.mean(secs):.3f} |")
                 print(lines[-1], flush=True)
-    text = (f"Command: `python -m benchmarks.head_fit --seeds {args.seeds} --per-class {args.per_class}` "
+    text = ("# The linear head against scikit-learn's LogisticRegression\n\n"
+            "The backend's head (`training.fit_head`: standardised features, L2 logistic regression solved with "
+            "L-BFGS, scikit-learn's objective with C=1) against `StandardScaler` + `LogisticRegression()` on the "
+            "same float16-cached peal-mini features, labeled sets drawn per class.\n\n"
+            f"Command: `python -m benchmarks.head_fit --seeds {args.seeds} --per-class {args.per_class}` "
             f"(peal-mini features, test accuracy, mean over seeds)\n\n" + "\n".join(lines) + "\n")
     args.out.write_text(text)
     print(f"wrote {args.out}")
