@@ -49,7 +49,17 @@ def backbone_fingerprint(name: str) -> str:
 
 
 _cache: dict[str, nn.Module] = {}
+_fingerprints: dict[str, str] = {}  # source -> fingerprint of the weights this process loaded
 _cache_lock = threading.Lock()
+
+
+def loaded_fingerprint(name: str) -> str:
+    """The fingerprint of the weights this process serves for `name` (loading them if needed): what
+    caches of its activations must be keyed by. Files rewritten under a running process change
+    `backbone_fingerprint` but not the weights in memory, so keying on the files would file old-weight
+    activations under the new weights' key."""
+    load_backbone(name)
+    return _fingerprints[resolve_backbone(name)]
 
 
 def load_backbone(name: str) -> nn.Module:
@@ -64,6 +74,7 @@ def load_backbone(name: str) -> nn.Module:
     source = resolve_backbone(name)
     with _cache_lock:
         if source not in _cache:
+            before = backbone_fingerprint(name)
             try:
                 # float32 whatever the stored dtype (peal-mini is stored in float16 to stay small);
                 # training and scoring opt into bf16 autocast where the hardware has it
@@ -85,7 +96,11 @@ def load_backbone(name: str) -> nn.Module:
                     t.data = t.data.clone()
             for p in model.parameters():
                 p.requires_grad_(False)
+            if backbone_fingerprint(name) != before:  # rewritten while being read: which weights we hold is unknown
+                raise BackboneLoadError(f"PEAL_BACKBONE={name!r}: its weight files changed while they were being "
+                                        "loaded; try again once they are written")
             _cache[source] = model
+            _fingerprints[source] = before
         return copy.deepcopy(_cache[source])
 
 

@@ -182,7 +182,9 @@ class PealModel:
             return None
         with self._lock:
             cached = self._loaded.get(project)
-            if cached is None or cached.version.name != latest.name:
+            # name and creation time: a version rebuilt under a reused name (a wiped MODEL_DIR) is another model
+            if cached is None or (cached.version.name, cached.version.meta.get("created_at")) != (
+                    latest.name, latest.meta.get("created_at")):
                 cached = load_version(self.store, latest, self.settings)
                 self._loaded[project] = cached
             return cached

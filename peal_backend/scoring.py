@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone import Classifier, backbone_fingerprint
+from .backbone import Classifier, loaded_fingerprint
 from .config import Settings
 from .training import Prediction, _autocast, _dtype, bf16_enabled
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FILL_CHUNK = 1024  # images preprocessed and pushed through the frozen blocks at once
 COMPACT_AT = 64  # shards in one cache folder before they are merged
+CACHE_FORMAT = 2  # bump when what an entry holds changes: old folders are then never read
 FINISH_CHUNK = 1024  # cached entries read back and finished at once (bounds a re-score's memory)
 
 
@@ -45,9 +46,10 @@ def cacheable(clf: Classifier) -> bool:
 
 
 def cache_key(settings: Settings, clf: Classifier, size: int) -> str:
-    """What the cached activations depend on: backbone, input size, block index, pooling, precision."""
-    ident = {"backbone": backbone_fingerprint(settings.backbone), "size": size, "block": clf.first_adapted,
-             "layers": clf.n_layers, "features": settings.features, "bf16": bf16_enabled(settings)}
+    """What the cached activations depend on: the weights this process loaded, input size, block index,
+    pooling, precision, and the entry format."""
+    ident = {"format": CACHE_FORMAT, "backbone": loaded_fingerprint(settings.backbone), "size": size,
+             "block": clf.first_adapted, "layers": clf.n_layers, "features": settings.features, "bf16": bf16_enabled(settings)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

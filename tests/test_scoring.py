@@ -88,18 +88,28 @@ def test_many_small_shards_are_merged_and_no_entry_is_lost(tmp_path, monkeypatch
     assert writer.compact() >= 2 and writer.shard_count() == 1 and len(ActivationCache(tmp_path)) == 30
 
 
-def test_cache_key_changes_when_the_backbone_weights_change(tiny_backbone):
+def test_cache_key_follows_the_weights_loaded_not_the_files_on_disk(tiny_backbone):
+    """Weights rewritten under a running process: it keeps serving (and keying) the weights it loaded;
+    a process started after the rewrite loads the new ones under a new key."""
     import os
+    import subprocess
+    import sys
     from pathlib import Path
 
     s = Settings(backbone=tiny_backbone, adapter="linear")
     clf = build_classifier(s, 2)
+    code = ("from peal_backend.config import Settings; from peal_backend.backbone import build_classifier; "
+            "from peal_backend.scoring import cache_key; "
+            f"s = Settings(backbone={tiny_backbone!r}, adapter='linear'); print(cache_key(s, build_classifier(s, 2), 28))")
+    fresh = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,  # noqa: E731
+                                   cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     before = cache_key(s, clf, 28)
-    assert cache_key(s, clf, 28) == before  # stable while the weights are
+    assert cache_key(s, clf, 28) == before == fresh()  # stable while the weights are
     weights = next(Path(tiny_backbone).glob("*.safetensors"))
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # retrained in place
-    assert cache_key(s, clf, 28) != before
+    assert cache_key(s, clf, 28) == before  # this process still holds the old weights
+    assert fresh() != before  # a new process loads the new ones, under a new key
 
 
 def test_a_cached_rescore_reads_the_cache_a_chunk_at_a_time(tmp_path, tiny_backbone, retina, monkeypatch):
