@@ -380,6 +380,26 @@ class RedisStore:
 
 # --- the job, identical for both flavours ----------------------------------------------------------
 
+class LeaseLost(RuntimeError):
+    """This job's running lock expired or was taken over: it must not save or push anything."""
+
+
+_lease = threading.local()  # the running job's heartbeat, for `check_lease` in the job's own thread
+
+
+def check_lease() -> None:
+    """Fence: raise LeaseLost if the job running in this thread has lost its running lock (another
+    training of the project may be running now). Jobs call it before every write that matters: a
+    new version, predictions pushed, the project's model version. Outside a queued job: no-op."""
+    heartbeat = getattr(_lease, "heartbeat", None)
+    if heartbeat is None:
+        return
+    heartbeat.beat()  # asks Redis now: a lease can be lost between two beats
+    if heartbeat.lost:
+        raise LeaseLost(f"project {heartbeat.project_id}: job {heartbeat.token} lost its running lock; "
+                        "nothing saved or pushed from here")
+
+
 class _Heartbeat(threading.Thread):
     """Keeps our lease alive: the queued flag while we wait, the running lock while we run."""
 
@@ -387,6 +407,7 @@ class _Heartbeat(threading.Thread):
         super().__init__(name=f"peal-heartbeat-{project_id}", daemon=True)
         self.store, self.project_id, self.token, self.ttl = store, project_id, token, ttl
         self.kind = "queued"
+        self.lost = False  # once lost, a running lock is never ours again
         self._stopped = threading.Event()
         self._lock = threading.Lock()  # stop() waits for a beat in flight, so none follows finish()
 
@@ -396,6 +417,7 @@ class _Heartbeat(threading.Thread):
                 return
             try:
                 if not self.store.refresh(self.kind, self.project_id, self.token, self.ttl) and self.kind == "running":
+                    self.lost = True
                     log.warning("project %s: job %s lost its running lock", self.project_id, self.token)
             except Exception as exc:  # a Redis blip must not kill the heartbeat; the lease covers a few misses
                 log.warning("project %s: heartbeat failed: %s", self.project_id, exc)
@@ -430,6 +452,7 @@ def execute_job(store, project_id: int, settings: Settings, reason: str, job: st
         heartbeat.beat()
         started = time.monotonic()
         log.info("project %s: training started (%s)", project_id, reason)
+        _lease.heartbeat = heartbeat
         try:
             result = resolve_job(job)(project_id, settings, reason)
             result_text = _result_json(result)
@@ -446,6 +469,7 @@ def execute_job(store, project_id: int, settings: Settings, reason: str, job: st
         log.info("project %s: training ended in %.1f s (%s): %s", project_id, time.monotonic() - started, reason, outcome)
         return result
     finally:
+        _lease.heartbeat = None
         heartbeat.stop()
 
 

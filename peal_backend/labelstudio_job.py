@@ -16,6 +16,7 @@ import torch
 from .backbone import input_size, load_backbone
 from .config import Settings
 from .cycle import ImageSet, run_cycle
+from .jobs import check_lease
 from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
 from .model import (CLUSTERS_FILE, QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
@@ -131,6 +132,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                         "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
                         "pool_sharding": sharding},
             "parameters": counts}
+    check_lease()  # fenced: a job that lost its lease (another training may run) writes nothing
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
     version = store.save(project, prefix, state, meta,
                          files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)}},
@@ -140,6 +142,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
 
     pushed = 0
     if settings.push_predictions:
+        check_lease()
         predictions = []
         for i, t in enumerate(pool_tasks):
             p = {"task": t["id"], "score": float(result.queue_scores[i]),
@@ -149,6 +152,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             predictions.append(p)
         pushed = ls.create_predictions(project, predictions, version.name)
         if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
+            check_lease()
             ls.set_model_version(project, version.name)
         if settings.set_uncertainty_sampling:
             ls.set_sampling(project, "Uncertainty sampling")

@@ -42,3 +42,23 @@ def read_runs(model_dir):
             kind, project, t, pid, *rest = line.split()
             rows.append((kind, int(project), float(t), int(pid), " ".join(rest)))
     return rows
+
+
+def fenced(project_id, settings, reason):
+    """Runs until the file named by ``wait=<path>`` exists, then writes like a training does: through
+    the lease fence. ``saved`` is logged only if the fence let it through."""
+    from pathlib import Path
+
+    from peal_backend.jobs import check_lease
+
+    _log(settings, "start", project_id, f"{time.time():.6f}", os.getpid(), reason)
+    path = Path(reason.split("wait=", 1)[1])
+    while not path.exists():
+        time.sleep(0.05)
+    try:
+        check_lease()
+    except Exception:
+        _log(settings, "fenced", project_id, f"{time.time():.6f}", os.getpid(), reason)
+        raise
+    _log(settings, "saved", project_id, f"{time.time():.6f}", os.getpid(), reason)
+    return {"project": project_id}

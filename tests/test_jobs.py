@@ -406,3 +406,21 @@ def test_redis_worker_stops_on_sigterm(redis_setup):
     wait_for(lambda: starts(settings.model_dir, 5), "the worker to run a job")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+def test_a_job_that_lost_its_lease_writes_nothing(redis_setup, tmp_path):
+    """The running lock expired or was taken (a second training may run now): the fence before each
+    write stops the job instead of letting two trainings of one project save and push."""
+    settings, make, workers = redis_setup
+    queue = jobs.make_queue(settings, "jobfuncs.fenced")
+    workers.start()
+    go = tmp_path / "go"
+    queue.request_training(3, f"wait={go}")
+    wait_for(lambda: queue.status(3)["state"] == "running", "the job to start", timeout=20)
+    queue._store.redis.delete(queue._store.key("running", 3))  # the lease is gone (expired, or taken over)
+    go.touch()
+    kinds = lambda: [r[0] for r in jobfuncs.read_runs(settings.model_dir) if r[1] == 3]  # noqa: E731
+    wait_for(lambda: len(kinds()) == 2, "the job to reach its first write", timeout=20)
+    assert kinds() == ["start", "fenced"]  # stopped at the fence: nothing saved
+    assert queue.status(3)["failures"] == 1  # recorded (as abandoned: its lock was gone)
+    queue.close()
