@@ -110,6 +110,8 @@ class Settings:
 
     # --- Images ----------------------------------------------------------------------------------
     cache_dir: str = _env("PEAL_CACHE_DIR", "", "Cache folder: fetched images and frozen backbone activations (default: MODEL_DIR/.cache).")
+    image_cache_mb: float = _env("PEAL_IMAGE_CACHE_MB", 2000.0, "Disk space of the fetched-image cache, in MB; least recently "
+                                 "used images are evicted past it. Images are stored once per content, whatever their URL.", float)
     activation_cache: bool = _env("PEAL_ACTIVATION_CACHE", True, "Reuse frozen backbone activations between cycles (linear probe, LoRA on the last K blocks).", bool)
     allowed_hosts: str = _env("PEAL_ALLOWED_HOSTS", "",
                               "Comma-separated extra hosts images may be fetched from; the Label Studio host is always allowed. `*` allows any host.")

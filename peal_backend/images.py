@@ -19,7 +19,8 @@ under a few rules that keep a backend exposed to arbitrary task data safe:
   reduced right after decoding), so one is never held full-size as RGB;
 - URLs in messages and logs have their credentials and query values hidden.
 
-Fetched bodies are cached on disk, keyed by the URL's sha256, so a URL is downloaded once.
+Fetched bodies are cached on disk by content (a URL points at the sha256 of what it gave), bounded in
+size (PEAL_IMAGE_CACHE_MB, least recently used first out), so a URL is downloaded once.
 `preprocess` turns RGB images into the normalised tensor DINOv2 expects.
 """
 from __future__ import annotations
@@ -310,6 +311,9 @@ def preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 # --- fetching ------------------------------------------------------------------------------------
 
+EVICT_EVERY = 64  # writes between two checks of the image cache's size
+
+
 class ImageFetcher:
     """Fetch task images by URL under the rules in the module docstring, with an on-disk cache.
 
@@ -317,6 +321,9 @@ class ImageFetcher:
     origin, and only then; its exceptions propagate (an auth failure is not a bad image).
     Safe to share between threads (one requests.Session per thread).
     """
+
+    _writes = 0  # cache writes in this process, to check the cache's size every EVICT_EVERY
+    _writes_lock = threading.Lock()
 
     def __init__(self, settings: Settings, auth_headers: Callable[[], dict] | None = None):
         self.settings = settings
@@ -484,37 +491,99 @@ class ImageFetcher:
             raise ImageError(url, f"download failed ({_scrub(str(exc), url)})") from None
         return bytes(body)
 
-    # cache: one file per URL, under two-letter fan-out folders
+    # cache: by content. urls/<sha(url)> holds the content hash of what the URL gave; blobs/<hash> holds
+    # the bytes once, however many URLs (?v=1, ?v=2, ...) point at it. Bounded by PEAL_IMAGE_CACHE_MB:
+    # past it, the least recently used blobs go (a read touches its blob); a URL whose blob went is a miss.
 
-    def _cache_path(self, url: str) -> str:
+    def _url_path(self, url: str) -> str:
         key = content_hash(url.encode("utf-8"))
-        return os.path.join(self.cache_dir, key[:2], key)
+        return os.path.join(self.cache_dir, "urls", key[:2], key)
+
+    def _blob_path(self, digest: str) -> str:
+        return os.path.join(self.cache_dir, "blobs", digest[:2], digest)
 
     def _cache_read(self, url: str) -> bytes | None:
         try:
-            with open(self._cache_path(url), "rb") as f:
-                return f.read()
-        except OSError:
+            with open(self._url_path(url)) as f:
+                digest = f.read().strip()
+            blob = self._blob_path(digest)
+            with open(blob, "rb") as f:
+                data = f.read()
+        except (OSError, ValueError):
             return None
+        if content_hash(data) != digest:  # damaged on disk: a miss, and gone
+            self._cache_remove(url)
+            return None
+        os.utime(blob)  # recently used
+        return data
+
+    def _atomic_write(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # readers see the whole file or none
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     def _cache_write(self, url: str, data: bytes) -> None:
-        path = self._cache_path(url)
+        digest = content_hash(data)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)  # readers see the whole file or none
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            blob = self._blob_path(digest)
+            if os.path.exists(blob):
+                os.utime(blob)
+            else:
+                self._atomic_write(blob, data)
+            self._atomic_write(self._url_path(url), digest.encode())
         except OSError as exc:  # a cache we cannot write only costs speed
             log.warning("cannot cache image %s: %s", safe_url(url), exc)
+            return
+        with ImageFetcher._writes_lock:
+            ImageFetcher._writes += 1
+            due = ImageFetcher._writes % EVICT_EVERY == 0
+        if due or len(data) > self.settings.image_cache_mb * 1e6 / EVICT_EVERY:
+            self.evict()
+
+    def evict(self) -> int:
+        """Delete least recently used blobs until the cache holds at most 90 % of PEAL_IMAGE_CACHE_MB;
+        returns how many went. Dangling URL entries are removed with them when found."""
+        limit = self.settings.image_cache_mb * 1e6
+        blobs = []
+        for root, _, files in os.walk(os.path.join(self.cache_dir, "blobs")):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                blobs.append((st.st_mtime, st.st_size, os.path.join(root, name)))
+        total = sum(size for _, size, _ in blobs)
+        if total <= limit:
+            return 0
+        removed = 0
+        for _, size, path in sorted(blobs):
+            if total <= 0.9 * limit:
+                break
+            try:
+                os.unlink(path)
+                total -= size
+                removed += 1
+            except OSError:
+                pass
+        log.info("image cache: evicted %d least recently used images (%.1f MB kept, limit %.0f MB)",
+                 removed, total / 1e6, limit / 1e6)
+        return removed
 
     def _cache_remove(self, url: str) -> None:
+        """Forget a URL and the blob it points at (called for entries found unreadable)."""
         try:
-            os.unlink(self._cache_path(url))
+            with open(self._url_path(url)) as f:
+                os.unlink(self._blob_path(f.read().strip()))
+        except (OSError, ValueError):
+            pass
+        try:
+            os.unlink(self._url_path(url))
         except OSError:
             pass
 

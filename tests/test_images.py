@@ -265,10 +265,11 @@ def test_second_fetch_comes_from_disk_cache(image_server, real_images, fetcher_f
     second = fetcher_for().fetch(url)  # a new fetcher: the cache is on disk, not in memory
     assert image_server.count("/a.png") == 1
     np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
-    cached = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "cache") for f in files]
-    key = content_hash(url.encode())
-    assert [os.path.basename(p) for p in cached] == [key]  # no temp files left behind
-    assert open(cached[0], "rb").read() == real_images.bytes("retina_3.png")
+    cached = sorted(os.path.join(d, f) for d, _, files in os.walk(tmp_path / "cache") for f in files)
+    data = real_images.bytes("retina_3.png")
+    # one blob by content and one URL entry pointing at it; no temp files left behind
+    assert sorted(os.path.basename(p) for p in cached) == sorted([content_hash(data), content_hash(url.encode())])
+    assert open(fetcher_for()._blob_path(content_hash(data)), "rb").read() == data
 
 
 def test_failures_are_not_cached(image_server, fetcher_for, tmp_path):
@@ -285,12 +286,40 @@ def test_corrupt_cache_entry_is_refetched(image_server, real_images, fetcher_for
     url = image_server.add("a.png", real_images.files["retina_0.png"])
     fetcher = fetcher_for()
     fetcher.fetch(url)
-    with open(fetcher._cache_path(url), "wb") as f:
+    blob = fetcher._blob_path(open(fetcher._url_path(url)).read())
+    with open(blob, "wb") as f:
         f.write(b"garbage")
     image = fetcher.fetch(url)
     np.testing.assert_array_equal(np.asarray(image), real_images.arrays["retina_0.png"])
     assert image_server.count("/a.png") == 2
-    assert open(fetcher._cache_path(url), "rb").read() == real_images.bytes("retina_0.png")
+    assert open(blob, "rb").read() == real_images.bytes("retina_0.png")
+
+
+def cache_bytes(root) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def test_the_image_cache_stores_content_once_and_stays_under_its_bound(image_server, real_images, fetcher_for, tmp_path):
+    """200 `?v=N` variants of one image used to be 200 copies; distinct images past PEAL_IMAGE_CACHE_MB
+    evict the least recently used."""
+    big = real_images.bytes("retina_0.png")
+    url = image_server.add("same.png", real_images.files["retina_0.png"])
+    fetcher = fetcher_for(image_cache_mb=0.05)  # 50 kB
+    for v in range(200):
+        fetcher.fetch(f"{url}?v={v}")
+    blobs = [f for _, _, files in os.walk(tmp_path / "cache" / "images" / "blobs") for f in files]
+    assert len(blobs) == 1 and cache_bytes(tmp_path / "cache" / "images" / "blobs") == len(big)
+
+    names = [f"img{i}.png" for i in range(120)]
+    for i, name in enumerate(names):  # distinct contents: the PNG bytes with a different trailing byte
+        path = tmp_path / name
+        path.write_bytes(big + bytes([i]))
+        fetcher.fetch(image_server.add(name, path))
+    fetcher.evict()
+    assert cache_bytes(tmp_path / "cache" / "images" / "blobs") <= 0.05e6
+    first = image_server.add(names[0], tmp_path / names[0])
+    fetcher.fetch(first)  # evicted long ago: fetched again
+    assert image_server.count(f"/{names[0]}") == 2
 
 
 def test_concurrent_fetches_from_threads(image_server, real_images, fetcher_for):
