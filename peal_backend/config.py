@@ -115,6 +115,11 @@ class Settings:
     activation_cache: bool = _env("PEAL_ACTIVATION_CACHE", True, "Reuse frozen backbone activations between cycles (linear probe, LoRA on the last K blocks).", bool)
     allowed_hosts: str = _env("PEAL_ALLOWED_HOSTS", "",
                               "Comma-separated extra hosts images may be fetched from; the Label Studio host is always allowed. `*` allows any host.")
+    predict_deadline: float = _env("PEAL_PREDICT_DEADLINE", 30.0, "Seconds one /predict may spend fetching its images; tasks "
+                                   "not fetched by then get an error result, the others their prediction.", float)
+    predict_max_tasks: int = _env("PEAL_PREDICT_MAX_TASKS", 1000, "Most tasks in one /predict request (more: 400).", int)
+    predict_concurrency: int = _env("PEAL_PREDICT_CONCURRENCY", 6, "Most /predict requests a server process runs at once; "
+                                    "more are answered 503 at once, keeping threads free for /health and /webhook.", int)
     fetch_timeout: float = _env("PEAL_FETCH_TIMEOUT", 10.0, "Seconds before an image fetch gives up.", float)
     max_image_bytes: int = _env("PEAL_MAX_IMAGE_BYTES", 50_000_000, "Largest image file fetched, in bytes.", int)
     max_image_pixels: int = _env("PEAL_MAX_IMAGE_PIXELS", 100_000_000, "Largest decoded image, in pixels (decompression-bomb guard).", int)

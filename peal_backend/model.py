@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_FILE = "queue.json"  # task id -> queue score, written with each version by the training cycle
 CLUSTERS_FILE = "clusters.json"  # task id -> Label Studio cluster, written beside it
+FETCH_THREADS = 8  # images of one /predict fetched at once
 
 
 class LabelConfigError(ValueError):
@@ -206,6 +207,33 @@ class PealModel:
         cache = self.settings.activation_cache_dir if self.settings.activation_cache else None
         return score_images(loaded.classifier, loaded.settings, batch, cache, multilabel=loaded.multiple)
 
+    def fetch_tasks(self, tasks: list, spec: LabelSpec) -> list:
+        """Every task's (bytes, image), or the error that task gets, fetched FETCH_THREADS at a time under
+        one deadline for the whole request (PEAL_PREDICT_DEADLINE): a slow host costs its own tasks, not
+        the request, and never more than the deadline."""
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        out: list = [None] * len(tasks)
+        pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="peal-fetch")
+        futures = {}
+        for i, task in enumerate(tasks):
+            try:
+                futures[pool.submit(self.fetcher.fetch_both, task_image_url(task, spec))] = i
+            except PayloadError as exc:
+                out[i] = exc
+        done, late = wait(futures, timeout=self.settings.predict_deadline)
+        pool.shutdown(wait=False, cancel_futures=True)  # fetches in flight end within PEAL_FETCH_TIMEOUT
+        for future in done:
+            try:
+                out[futures[future]] = future.result()
+            except (ImageError, PayloadError) as exc:
+                out[futures[future]] = exc
+        for future in late:
+            out[futures[future]] = ImageError(task_image_url(tasks[futures[future]], spec),
+                                              f"not fetched within the request's deadline "
+                                              f"(PEAL_PREDICT_DEADLINE={self.settings.predict_deadline:g} s)")
+        return out
+
     def predict(self, tasks: list, project: int, label_config: str) -> list[dict]:
         """One result per task, in order. A task whose image fails gets an empty result (and an `error`),
         never failing the batch."""
@@ -225,15 +253,15 @@ class PealModel:
                      "error": "label choices changed since the model was trained"} for _ in tasks]
         results: list[dict | None] = [None] * len(tasks)
         images, hashes, positions = [], [], []
-        for i, task in enumerate(tasks):
-            try:
-                data, image = self.fetcher.fetch_both(task_image_url(task, spec))
+        for i, got in enumerate(self.fetch_tasks(tasks, spec)):
+            if isinstance(got, Exception):
+                log.warning("project %s task %s: %s", project, _task_id(tasks[i]), got)
+                results[i] = {"result": [], "score": None, "model_version": loaded.version.name, "error": str(got)}
+            else:
+                data, image = got
                 images.append(image)
                 hashes.append(content_hash(data))
                 positions.append(i)
-            except (ImageError, PayloadError) as exc:
-                log.warning("project %s task %s: %s", project, _task_id(task), exc)
-                results[i] = {"result": [], "score": None, "model_version": loaded.version.name, "error": str(exc)}
         if images:
             out = self.score(loaded, images, hashes)
             fallback = uncertainty_score(out.probs, loaded.multiple)

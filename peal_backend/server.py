@@ -205,13 +205,30 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
             stats.count("cold_start_requests")
         return jsonify(model_version=version)
 
+    predict_slots = threading.BoundedSemaphore(max(1, settings.predict_concurrency))
+
     @app.post("/predict")
     def predict():
+        if not predict_slots.acquire(blocking=False):
+            stats.count("predict_busy")
+            resp = jsonify(error=f"busy: {settings.predict_concurrency} /predict requests are running "
+                                 "(PEAL_PREDICT_CONCURRENCY); retry shortly")
+            resp.status_code, resp.headers["Retry-After"] = 503, "1"
+            return resp
+        try:
+            return _predict()
+        finally:
+            predict_slots.release()
+
+    def _predict():
         started = time.perf_counter()
         data = body()
         tasks = data.get("tasks")
         if not isinstance(tasks, list):
             raise PayloadError("'tasks' must be a list of task objects")
+        if len(tasks) > settings.predict_max_tasks:
+            raise PayloadError(f"{len(tasks)} tasks in one request: at most {settings.predict_max_tasks} "
+                               "(PEAL_PREDICT_MAX_TASKS); send them in batches")
         pid = project_id(data.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict) else None))
         config = data.get("label_config")
         if not config:

@@ -570,3 +570,56 @@ def test_setup_names_a_backbone_that_cannot_load(settings, tmp_path):
     client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
     r = client.post("/setup", json={"project": PROJECT, "schema": CONFIG})
     assert r.status_code == 503 and "PEAL_BACKBONE" in r.json["error"]
+
+
+# --- a slow image host: one request's deadline, a cap on tasks, threads kept for /health --------------
+
+@pytest.fixture
+def held_host(served):
+    """`/data/upload/7/held.png` answers only once `release` is set (a host that hangs)."""
+    import threading
+
+    release = threading.Event()
+    served.routes["/data/upload/7/held.png"] = lambda handler, query: (release.wait(60),
+                                                                         handler.serve_file("/data/upload/7/good0.png"))
+    yield release
+    release.set()
+    del served.routes["/data/upload/7/held.png"]
+
+
+def test_a_hanging_host_costs_its_tasks_not_the_request(settings, good_tasks, held_host):
+    s = settings.replace(fetch_timeout=60.0, predict_deadline=1.0)
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    held = [{"id": 900 + i, "data": {"image": f"/data/upload/7/held.png?n={i}"}} for i in range(3)]
+    r = client.post("/predict", json={"tasks": good_tasks + held, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200
+    results = r.json["results"]
+    assert all(x["result"] and "error" not in x for x in results[:len(good_tasks)])
+    assert all(x["result"] == [] and "PEAL_PREDICT_DEADLINE" in x["error"] for x in results[len(good_tasks):])
+
+
+def test_too_many_tasks_in_one_request_is_a_400_naming_the_cap(settings, good_tasks):
+    s = settings.replace(predict_max_tasks=2)
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    r = client.post("/predict", json={"tasks": good_tasks[:3], "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 400 and "PEAL_PREDICT_MAX_TASKS" in r.json["error"]
+
+
+def test_predicts_stuck_on_a_slow_host_leave_health_and_webhooks_answering(settings, good_tasks, held_host, served):
+    import threading
+
+    from tests.conftest import wait_for
+
+    s = settings.replace(fetch_timeout=60.0, predict_deadline=60.0, predict_concurrency=1)
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    stuck = {}
+    first = threading.Thread(target=lambda: stuck.setdefault("r", client.post("/predict", json={
+        "tasks": [{"id": 1, "data": {"image": "/data/upload/7/held.png?stuck"}}], "project": PROJECT, "label_config": CONFIG})))
+    first.start()
+    wait_for(lambda: served.count("/data/upload/7/held.png") >= 1, "the first /predict to reach the slow host")
+    r = client.post("/predict", json={"tasks": good_tasks[:1], "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "PEAL_PREDICT_CONCURRENCY" in r.json["error"]
+    assert client.get("/health").status_code == 200
+    held_host.set()
+    first.join(60)
+    assert stuck["r"].status_code == 200 and stuck["r"].json["results"][0]["result"]
