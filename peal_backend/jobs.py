@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import logging
 import queue as queue_module
 import re
@@ -489,6 +490,47 @@ class InProcessQueue:
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._closed = False
+        # Requested trainings are journaled in MODEL_DIR/.jobs until they end, so that one lost with its
+        # process (SIGKILL, OOM, a crash) is recorded as abandoned and retried by the next process.
+        self._journal = os.path.join(settings.model_dir, ".jobs")
+        self._recover()
+
+    def _journal_add(self, project_id: int, reason: str, token: str) -> None:
+        try:
+            os.makedirs(self._journal, exist_ok=True)
+            tmp = os.path.join(self._journal, f".tmp-{token}")
+            with open(tmp, "w") as f:
+                json.dump({"project": project_id, "reason": reason, "queued_at": _now()}, f)
+            os.replace(tmp, os.path.join(self._journal, f"{token}.json"))
+        except OSError as exc:  # the queue still works; only the crash recovery is lost
+            log.warning("cannot journal training %s: %s", token, exc)
+
+    def _journal_done(self, token: str) -> None:
+        try:
+            os.unlink(os.path.join(self._journal, f"{token}.json"))
+        except OSError:
+            pass
+
+    def _recover(self) -> None:
+        try:
+            names = sorted(n for n in os.listdir(self._journal) if n.endswith(".json"))
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self._journal, name)
+            claimed = os.path.join(self._journal, f".claimed-{name}")
+            try:
+                os.rename(path, claimed)  # one process takes each entry
+                with open(claimed) as f:
+                    entry = json.load(f)
+                os.unlink(claimed)
+                project_id, reason = int(entry["project"]), str(entry["reason"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            self._store.finish(project_id, name[:-5], "abandoned", "",
+                               f"the process running this training stopped before it ended (reason: {reason})", 0.0)
+            log.warning("project %s: a training lost with its process (%s) is retried", project_id, reason)
+            self.request_training(project_id, f"retry after restart: {reason}")
 
     def note_annotation(self, project_id: int) -> bool:
         project_id = _check_project(project_id)
@@ -503,6 +545,7 @@ class InProcessQueue:
         token = _new_token(self.settings.queue_name, project_id)
         queued, job_id = self._store.try_enqueue(project_id, token, reason)
         if queued:
+            self._journal_add(project_id, reason, token)
             self._ensure_thread()
             self._pending.put((project_id, reason, token))
         return {"project_id": project_id, "queued": True, "coalesced": not queued, "job_id": job_id}
@@ -535,6 +578,8 @@ class InProcessQueue:
                 execute_job(self._store, project_id, self.settings, reason, self.job, token, self.lock_ttl)
             except BaseException:  # recorded in the status; log it and keep serving
                 log.exception("project %s: training job %s failed", project_id, token)
+            finally:
+                self._journal_done(token)
 
 
 # --- Redis + RQ flavour ----------------------------------------------------------------------------

@@ -424,3 +424,26 @@ def test_a_job_that_lost_its_lease_writes_nothing(redis_setup, tmp_path):
     assert kinds() == ["start", "fenced"]  # stopped at the fence: nothing saved
     assert queue.status(3)["failures"] == 1  # recorded (as abandoned: its lock was gone)
     queue.close()
+
+
+def test_inprocess_training_lost_with_its_process_is_recorded_and_retried(tmp_path):
+    """A server process SIGKILLed mid-training used to leave /jobs idle with no failure and nothing
+    retried: the next process finds the journal, records the run as abandoned and runs it again."""
+    code = ("import sys, threading; sys.path.insert(0, 'tests'); from peal_backend import jobs; "
+            "from peal_backend.config import Settings; "
+            f"q = jobs.make_queue(Settings(model_dir={str(tmp_path)!r}), 'jobfuncs.scripted'); "
+            "q.request_training(5, 'sleep=600'); threading.Event().wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        wait_for(lambda: starts(str(tmp_path), 5), "the training to start in the doomed process", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    queue = jobs.make_queue(Settings(model_dir=str(tmp_path)), JOB)  # the next server process
+    try:
+        status = queue.status(5)
+        assert status["failures"] == 1 and status["last_outcome"] == "abandoned" and "sleep=600" in status["last_error"]
+        wait_for(lambda: len(starts(str(tmp_path), 5)) == 2, "the retry to start", timeout=60)
+        assert "retry after restart: sleep=600" in starts(str(tmp_path), 5)[1][4]
+    finally:
+        queue.close()
