@@ -106,7 +106,6 @@ class Settings:
                          "clusters, -1 = none). Costs one request per prediction; measured no gain (README, BENCHMARKS.md).", int)
     balance: bool = _env("PEAL_BALANCE", False, "Class-balance the strategy's picks (PEAL / C-PEAL scheme).", bool)
     candidate_fraction: float = _env("PEAL_CANDIDATE_FRACTION", 0.1, "Class balancing chooses among this top fraction of the strategy's ranking.", float)
-    budget: int = _env("PEAL_BUDGET", 0, "Batch size the strategy selects each cycle (0 = number of classes).", int)
 
     # --- Images ----------------------------------------------------------------------------------
     cache_dir: str = _env("PEAL_CACHE_DIR", "", "Cache folder: fetched images and frozen backbone activations (default: MODEL_DIR/.cache).")
@@ -195,6 +194,15 @@ def hide_url_secrets(url: str) -> str:
     # the host is after the last @: a password may itself contain @
     netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """PEAL_* variables that are no setting (a typo, or a setting that was removed, like PEAL_BUDGET):
+    the server and the worker warn about them instead of silently ignoring them."""
+    environ = os.environ if environ is None else environ
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    return sorted(k for k in environ if k.startswith("PEAL_") and k not in known and not k.startswith("PEAL_TEST_")
+                  and k not in ("PEAL_DATASETS", "PEAL_REQUIRE_LABEL_STUDIO", "PEAL_E2E_TRAIN_TIMEOUT"))
 
 
 def _parse(name: str, raw: str, kind) -> Any:

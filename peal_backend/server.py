@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
 from .backbone import BackboneLoadError, load_backbone
-from .config import Settings
+from .config import Settings, unknown_variables
 from .images import ImageFetcher
 from .jobs import QueueError
 from .training import configure_torch
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # at DEBUG it logs full URLs, signed ones included
     configure_torch(settings)
+    if unknown := unknown_variables():
+        log.warning("ignoring environment variables that are no setting of peal-backend: %s", ", ".join(unknown))
     app = Flask("peal_backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False

@@ -47,7 +47,7 @@ COLUMNS = ("dataset", "config", "adapter", "strategy", "balance", "calibration",
 # Settings that never change a simulated curve (where things live, how the server runs)
 _NOT_RESULTS = ("label_studio_url", "label_studio_api_key", "model_dir", "log_level", "port", "basic_auth_user",
                 "basic_auth_pass", "redis_url", "queue_name", "job_lock_ttl", "job_timeout", "cache_dir", "torch_threads",
-                "adapter", "strategy", "balance", "calibration", "seed", "retrain_every", "budget", "push_predictions",
+                "adapter", "strategy", "balance", "calibration", "seed", "retrain_every", "push_predictions",
                 "set_uncertainty_sampling", "keep_versions")
 
 
@@ -57,7 +57,9 @@ def settings_key(settings: Settings) -> str:
     import hashlib
     import json
 
-    relevant = {k: v for k, v in sorted(settings.redacted().items()) if k not in _NOT_RESULTS}
+    # only what differs from the defaults: a setting added later (with its default) changes no key
+    defaults = Settings().redacted()
+    relevant = {k: v for k, v in sorted(settings.redacted().items()) if k not in _NOT_RESULTS and v != defaults.get(k)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -421,7 +423,7 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
     if present.size < 2:
         raise SimulationError(f"{data.name}: the train split holds {present.size} class(es); active learning of a "
                               "classifier needs at least two")
-    budget = budget or settings.budget or data.n_classes
+    budget = budget or data.n_classes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
@@ -613,7 +615,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--balance", action="store_true", help="class-balance every strategy's picks")
     p.add_argument("--calibration", action="store_true", help="add the calibration loss for every strategy")
     p.add_argument("--warm-start", action="store_true", help="start each cycle from the previous model")
-    p.add_argument("--budget", type=int, default=0, help="labels revealed per cycle (default: $PEAL_BUDGET or the number of classes)")
+    p.add_argument("--budget", type=int, default=0, help="labels per retrain (PEAL_RETRAIN_EVERY in the backend; default: the number of classes)")
     p.add_argument("--cycles", type=int, default=10, help="training cycles per run (default 10)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     p.add_argument("--first-seed", type=int, default=0, help="start the seeds here (default 0)")

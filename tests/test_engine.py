@@ -254,3 +254,11 @@ def test_a_prune_killed_midway_never_leaves_a_listed_version_without_weights(tmp
     for name in store.versions(1):
         assert store.get(1, name).weights()["w"].shape == (2,)
     assert store.versions(1) == ["peal-linear-v2", "peal-linear-v3"]
+
+
+def test_a_removed_or_misspelt_setting_is_named_not_silently_ignored():
+    from peal_backend.config import unknown_variables
+
+    env = {"PEAL_BUDGET": "5", "PEAL_STRATEGIE": "margin", "PEAL_STRATEGY": "margin", "PEAL_DATASETS": "/d", "HOME": "/"}
+    assert unknown_variables(env) == ["PEAL_BUDGET", "PEAL_STRATEGIE"]
+    assert not hasattr(Settings.from_env(env), "budget")  # the backend never read it: it is gone
