@@ -19,7 +19,7 @@ from typing import Iterator
 import requests
 
 SAMPLING = ("Sequential sampling", "Uniform sampling", "Uncertainty sampling")
-PAGE_SIZE = 100      # tasks per page when listing a project
+PAGE_SIZE = 1000     # tasks per page when listing a project (Label Studio 1.23 sets no maximum by default)
 CHUNK_SIZE = 200     # predictions per bulk import request
 PARALLEL_REQUESTS = 4  # concurrent one-prediction requests (predictions with a cluster)
 TOKEN_MARGIN = 30.0  # refresh an access token this many seconds before it expires
@@ -280,7 +280,8 @@ class LabelStudio:
                 found.add(task["id"])
         return found
 
-    def create_predictions(self, project_id: int, predictions: list[dict], model_version: str) -> int:
+    def create_predictions(self, project_id: int, predictions: list[dict], model_version: str, *,
+                           new_version: bool = False) -> int:
         """Create predictions at `model_version` in bulk; returns how many this call created.
 
         At most one prediction per (task, model_version): tasks that already have one are skipped, and
@@ -290,7 +291,8 @@ class LabelStudio:
         if not model_version or "," in model_version:
             raise ValueError(f"model_version {model_version!r}: must be non-empty and contain no comma")
         rows = _validated(predictions)
-        have = self.tasks_with_prediction(project_id, model_version) if rows else set()
+        # a version Label Studio has never held has no prediction yet: no scan needed to skip existing ones
+        have = self.tasks_with_prediction(project_id, model_version) if rows and not new_version else set()
         pending = [p for p in rows if p["task"] not in have]
         clustered = [p for p in pending if "cluster" in p]
         pending = [p for p in pending if "cluster" not in p]

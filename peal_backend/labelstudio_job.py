@@ -150,7 +150,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             if clusters.size:
                 p["cluster"] = int(clusters[i])
             predictions.append(p)
-        pushed = ls.create_predictions(project, predictions, version.name)
+        pushed = ls.create_predictions(project, predictions, version.name, new_version=version.name not in held)
         if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
             check_lease()
             ls.set_model_version(project, version.name)
