@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 export PEAL_LORA_LAST_K=${PEAL_LORA_LAST_K:-2}   # LoRA on the last 2 of peal-mini's 6 blocks (frozen prefix cached)
 export PEAL_CLUSTERS=${PEAL_CLUSTERS:--1}        # Label Studio's cluster rule off unless a stage turns it on
 # auto:COVERAGE:UNCERTAINTY:SWITCH variants (PEAL_AUTO_*), the default `auto`, and what they are made of
-LINEAR=auto,auto:typiclust:margin:3,auto:random:margin:3,auto:probcover:margin:3,auto:typiclust:badge:1,auto:probcover:dropquery:2,random,typiclust,probcover,margin,entropy,badge,dropquery,coreset
+LINEAR=auto,auto:typiclust:margin:3,auto:random:margin:3,auto:probcover:margin:3,auto:typiclust:badge:1,auto:probcover:dropquery:2,random,typiclust,probcover,margin,entropy,badge,dropquery,coreset,featdist,entropy+cal,margin+bal
 
 sim() {  # dataset, then simulate flags
   local data=$1; shift
