@@ -19,6 +19,7 @@ import numpy as np
 from scipy import stats
 
 REFERENCE = "linear/random"
+MIN_SEEDS = 3  # configurations run on fewer seeds are not compared
 MARK_START, MARK_END = "<!-- report:start -->", "<!-- report:end -->"
 
 
@@ -66,6 +67,8 @@ def report(folder: Path, reference: str = REFERENCE) -> str:
     for dataset, cfgs in sorted(data.items()):
         if reference not in cfgs:
             continue
+        few = sorted(c for c, curve in cfgs.items() if max(len(v) for v in curve.values()) < MIN_SEEDS)
+        cfgs = {c: curve for c, curve in cfgs.items() if c not in few}
         ref = cfgs[reference]
         counts = sorted(ref)
         final = max(counts)
@@ -97,6 +100,8 @@ def report(folder: Path, reference: str = REFERENCE) -> str:
                 f"{worst[0]:+.3f} (upper {worst[0] + worst[1]:+.3f}) @{worst[2]}"
             lines.append(f"| {name} | {seeds} | " + " | ".join(accs) + " | "
                          + " | ".join(deltas or [""] * len(shown)) + f" | {worst_cell} | {reach_cell} |")
+        if few:
+            lines += ["", f"Left out with fewer than {MIN_SEEDS} seeds (an early, stopped pass): " + ", ".join(f"`{c}`" for c in few) + "."]
         lines += ["", f"![{dataset}]({dataset}/queue_order_{dataset}.png)", ""]
         plot(dataset, cfgs, reference, folder / dataset / f"queue_order_{dataset}.png")
     return "\n".join(lines)
