@@ -476,6 +476,27 @@ def execute_job(store, project_id: int, settings: Settings, reason: str, job: st
 
 # --- in-process flavour ----------------------------------------------------------------------------
 
+def _process_id() -> str:
+    """This process, as `pid:start-time` (a pid alone is reused, e.g. by a restarted container's PID 1)."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command name
+    except (OSError, IndexError):
+        return "?"
+
+
+def _process_alive(owner: str) -> bool:
+    pid, _, started = str(owner).partition(":")
+    try:
+        return pid.isdigit() and started != "?" and _start_time(int(pid)) == started
+    except ValueError:
+        return False
+
+
 class InProcessQueue:
     """One daemon thread in this process runs the jobs one after another (started on first use)."""
 
@@ -500,7 +521,7 @@ class InProcessQueue:
             os.makedirs(self._journal, exist_ok=True)
             tmp = os.path.join(self._journal, f".tmp-{token}")
             with open(tmp, "w") as f:
-                json.dump({"project": project_id, "reason": reason, "queued_at": _now()}, f)
+                json.dump({"project": project_id, "reason": reason, "queued_at": _now(), "owner": _process_id()}, f)
             os.replace(tmp, os.path.join(self._journal, f"{token}.json"))
         except OSError as exc:  # the queue still works; only the crash recovery is lost
             log.warning("cannot journal training %s: %s", token, exc)
@@ -520,6 +541,10 @@ class InProcessQueue:
             path = os.path.join(self._journal, name)
             claimed = os.path.join(self._journal, f".claimed-{name}")
             try:
+                with open(path) as f:
+                    owner = json.load(f).get("owner")
+                if owner and _process_alive(owner):  # another live process's training (several server processes)
+                    continue
                 os.rename(path, claimed)  # one process takes each entry
                 with open(claimed) as f:
                     entry = json.load(f)

@@ -447,3 +447,18 @@ def test_inprocess_training_lost_with_its_process_is_recorded_and_retried(tmp_pa
         assert "retry after restart: sleep=600" in starts(str(tmp_path), 5)[1][4]
     finally:
         queue.close()
+
+
+def test_a_live_process_keeps_its_journaled_trainings(tmp_path):
+    """Two queues on one MODEL_DIR (two server processes, or a test's second app): the second never
+    takes over the first's pending training as if its process had died."""
+    first = jobs.make_queue(Settings(model_dir=str(tmp_path)), JOB)
+    try:
+        first.request_training(6, "sleep=0.5")
+        second = jobs.make_queue(Settings(model_dir=str(tmp_path)), JOB)
+        second.close()
+        assert second.status(6)["failures"] == 0 and second.status(6)["state"] == "idle"
+        wait_for(lambda: first.status(6)["runs"] == 1, "the first queue's own run")
+        assert len(starts(str(tmp_path), 6)) == 1
+    finally:
+        first.close()
