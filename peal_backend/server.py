@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FuturesTimeout
 
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -31,6 +32,7 @@ TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELE
 # PEAL_RETRAIN_EVERY says
 ORDER_EVENTS = {"TASKS_CREATED"}
 MAX_BODY_BYTES = 32 * 1024 * 1024
+SETUP_CHECK_SECONDS = 1.5  # Label Studio waits 3 s for /setup
 
 
 def _check_basic_auth(settings: Settings) -> bool:
@@ -176,27 +178,36 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         return jsonify(status="UP", model_class="PealModel", version=__version__, backbone=settings.backbone,
                        adapter=settings.adapter, strategy=settings.strategy)
 
+    setup_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peal-setup-check")
+
+    def check_setup(pid: int) -> None:
+        load_backbone(settings.backbone)  # BackboneLoadError: 503 naming PEAL_BACKBONE
+        if not settings.label_studio_api_key:
+            log.warning("LABEL_STUDIO_API_KEY is not set: the backend can predict but cannot read annotations, "
+                        "fetch Label Studio's images or push predictions")
+            return
+        try:
+            ls_client().project(pid)
+        except LabelStudioError as exc:
+            if any(f"-> {code}" in str(exc) for code in (401, 403)):
+                raise PayloadError(f"LABEL_STUDIO_API_KEY is not accepted by Label Studio at LABEL_STUDIO_URL "
+                                   f"({exc}); give the backend a valid token") from None
+            raise
+
     @app.post("/setup")
     def setup():
         data = body()
         pid = project_id(data.get("project"))
         model = get_model()
         version = model.setup(pid, data.get("schema") or data.get("label_config"))
-        # what would make the first training fail minutes later, answered now, where Label Studio
-        # shows it while connecting: a backbone that cannot load (503 naming PEAL_BACKBONE), a token
-        # Label Studio refuses
-        load_backbone(settings.backbone)
-        if settings.label_studio_api_key:
-            try:
-                ls_client().project(pid)
-            except LabelStudioError as exc:
-                if any(f"-> {code}" in str(exc) for code in (401, 403)):
-                    raise PayloadError(f"LABEL_STUDIO_API_KEY is not accepted by Label Studio at LABEL_STUDIO_URL "
-                                       f"({exc}); give the backend a valid token") from None
-                raise
-        else:
-            log.warning("LABEL_STUDIO_API_KEY is not set: the backend can predict but cannot read annotations, "
-                        "fetch Label Studio's images or push predictions")
+        # What would make the first training fail minutes later, answered now, where Label Studio shows
+        # it while connecting. Label Studio gives /setup 3 s, so the checks get SETUP_CHECK_SECONDS: one
+        # still running then (a first backbone load on a busy machine) is left to the training to report.
+        try:
+            setup_checks.submit(check_setup, pid).result(timeout=SETUP_CHECK_SECONDS)
+        except FuturesTimeout:
+            log.info("project %s: /setup checks still running after %.1f s; answering without them", pid,
+                     SETUP_CHECK_SECONDS)
         stats.count("setup")
         # (Label Studio calls /setup several times while connecting: one ordering is enough)
         if (settings.cold_start and settings.label_studio_api_key and model.store.latest(pid) is None
