@@ -142,7 +142,7 @@ def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_di
              for i in range(0, n, POOL_CHUNK)]
     if not parts:
         return predict(clf, torch.zeros(0, 3, 1, 1), settings, multilabel=multilabel)
-    return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "logits", "embeddings")))
+    return Prediction.concat(parts)
 
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:

@@ -234,4 +234,4 @@ def score_cached(clf: Classifier, settings: Settings, hashes: list[str], pixels,
     # (257 x 384 floats at 224 px, 395 KB), so the whole pool at once would be gigabytes
     parts = [score_from_activations(clf, cache.get(hashes[i:i + FINISH_CHUNK]), settings, multilabel=multilabel)
              for i in range(0, len(hashes), FINISH_CHUNK)]
-    return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "logits", "embeddings")))
+    return Prediction.concat(parts)

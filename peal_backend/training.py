@@ -271,6 +271,11 @@ class Prediction:
     logits: np.ndarray      # (N, C)
     embeddings: np.ndarray  # (N, D) the head's input features (float32)
 
+    @classmethod
+    def concat(cls, parts: list["Prediction"]) -> "Prediction":
+        """Chunks of one scoring, in order, as one Prediction (at least one part)."""
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "logits", "embeddings")))
+
 
 def predict(model: Classifier, pixels: torch.Tensor, settings: Settings, *, multilabel: bool = False) -> Prediction:
     """Batched, gradient-free scoring.
