@@ -24,7 +24,7 @@ import torch
 from . import acquisition
 from .backbone import Classifier, build_classifier
 from .config import Settings
-from .scoring import ActivationCache, cache_key, cacheable, score_cached
+from .scoring import ActivationCache, cache_key, cacheable, score_cached, score_from_activations
 from .training import Prediction, fit, predict
 
 
@@ -190,13 +190,14 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
         clf = probe if settings.adapter == "linear" else build_classifier(settings, n_classes)
         if init is not None:
             clf.load_trainable(init)
-        if settings.adapter == "linear":  # the head is solved from scratch on the features already at hand
-            metrics.update(fit(clf, torch.zeros(0), targets, settings, multilabel=multiple,
+        if settings.adapter == "linear":  # the head is solved from scratch on the features already at hand,
+            metrics.update(fit(clf, torch.zeros(0), targets, settings, multilabel=multiple,  # and applied to them
                                features=torch.from_numpy(frozen[:n_lab])))
+            outputs = score_from_activations(clf, frozen, settings, multilabel=multiple)
         else:
             metrics.update(fit(clf, labeled.pixels(list(range(n_lab))), targets, settings, multilabel=multiple,
                                progress=progress))
-        outputs = score_images(clf, settings, everything, cache_dir, multilabel=multiple)
+            outputs = score_images(clf, settings, everything, cache_dir, multilabel=multiple)
     else:
         outputs = _uniform(n_lab + len(pool), n_classes, frozen)
 
