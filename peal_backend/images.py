@@ -26,6 +26,7 @@ size (PEAL_IMAGE_CACHE_MB, least recently used first out), so a URL is downloade
 from __future__ import annotations
 
 import base64
+import fcntl
 import binascii
 import hashlib
 import io
@@ -37,6 +38,7 @@ import re
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Sequence
 from urllib.parse import quote, unquote_plus, urljoin, urlsplit, urlunsplit
 
@@ -311,9 +313,6 @@ def preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 # --- fetching ------------------------------------------------------------------------------------
 
-EVICT_EVERY = 64  # writes between two checks of the image cache's size
-
-
 class ImageFetcher:
     """Fetch task images by URL under the rules in the module docstring, with an on-disk cache.
 
@@ -321,9 +320,6 @@ class ImageFetcher:
     origin, and only then; its exceptions propagate (an auth failure is not a bad image).
     Safe to share between threads (one requests.Session per thread).
     """
-
-    _writes = 0  # cache writes in this process, to check the cache's size every EVICT_EVERY
-    _writes_lock = threading.Lock()
 
     def __init__(self, settings: Settings, auth_headers: Callable[[], dict] | None = None):
         self.settings = settings
@@ -536,19 +532,45 @@ class ImageFetcher:
                 os.utime(blob)
             else:
                 self._atomic_write(blob, data)
+                self._account(len(data))
             self._atomic_write(self._url_path(url), digest.encode())
         except OSError as exc:  # a cache we cannot write only costs speed
             log.warning("cannot cache image %s: %s", safe_url(url), exc)
-            return
-        with ImageFetcher._writes_lock:
-            ImageFetcher._writes += 1
-            due = ImageFetcher._writes % EVICT_EVERY == 0
-        if due or len(data) > self.settings.image_cache_mb * 1e6 / EVICT_EVERY:
-            self.evict()
+
+    @contextmanager
+    def _size_ledger(self):
+        """The blobs' total size, in a small file every process using the folder updates under a lock:
+        checking the bound then costs one read per new image, and the folder is walked only to evict
+        (a walk per few writes made filling a large pool quadratic). `None`: not known yet."""
+        os.makedirs(self.cache_dir, exist_ok=True)
+        path = os.path.join(self.cache_dir, ".size")
+        with open(os.path.join(self.cache_dir, ".size.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(path) as f:
+                    ledger = {"bytes": int(f.read())}
+            except (OSError, ValueError):  # first use, or a damaged ledger: the next walk measures
+                ledger = {"bytes": None}
+            yield ledger
+            self._atomic_write(path, str(ledger["bytes"]).encode())
+
+    def _account(self, added: int) -> None:
+        with self._size_ledger() as ledger:
+            if ledger["bytes"] is None or ledger["bytes"] + added > self.settings.image_cache_mb * 1e6:
+                _, ledger["bytes"] = self._evict_lru()
+            else:
+                ledger["bytes"] += added
 
     def evict(self) -> int:
-        """Delete least recently used blobs until the cache holds at most 90 % of PEAL_IMAGE_CACHE_MB;
-        returns how many went. Dangling URL entries are removed with them when found."""
+        """Delete least recently used blobs until the cache holds at most 90 % of PEAL_IMAGE_CACHE_MB
+        (if it holds more than all of it); returns how many went. URL entries whose blob went stay
+        behind as misses."""
+        with self._size_ledger() as ledger:
+            removed, ledger["bytes"] = self._evict_lru()
+        return removed
+
+    def _evict_lru(self) -> tuple[int, int]:
+        """(blobs removed, bytes left): the folder walked, the oldest blobs deleted while over the bound."""
         limit = self.settings.image_cache_mb * 1e6
         blobs = []
         for root, _, files in os.walk(os.path.join(self.cache_dir, "blobs")):
@@ -560,7 +582,7 @@ class ImageFetcher:
                 blobs.append((st.st_mtime, st.st_size, os.path.join(root, name)))
         total = sum(size for _, size, _ in blobs)
         if total <= limit:
-            return 0
+            return 0, total
         removed = 0
         for _, size, path in sorted(blobs):
             if total <= 0.9 * limit:
@@ -573,7 +595,7 @@ class ImageFetcher:
                 pass
         log.info("image cache: evicted %d least recently used images (%.1f MB kept, limit %.0f MB)",
                  removed, total / 1e6, limit / 1e6)
-        return removed
+        return removed, total
 
     def _cache_remove(self, url: str) -> None:
         """Forget a URL and the blob it points at (called for entries found unreadable)."""

@@ -267,8 +267,9 @@ def test_second_fetch_comes_from_disk_cache(image_server, real_images, fetcher_f
     np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
     cached = sorted(os.path.join(d, f) for d, _, files in os.walk(tmp_path / "cache") for f in files)
     data = real_images.bytes("retina_3.png")
-    # one blob by content and one URL entry pointing at it; no temp files left behind
-    assert sorted(os.path.basename(p) for p in cached) == sorted([content_hash(data), content_hash(url.encode())])
+    # one blob by content, one URL entry pointing at it, the size ledger and its lock; no temp files left behind
+    assert sorted(os.path.basename(p) for p in cached) == sorted([content_hash(data), content_hash(url.encode()),
+                                                                 ".size", ".size.lock"])
     assert open(fetcher_for()._blob_path(content_hash(data)), "rb").read() == data
 
 
@@ -317,6 +318,8 @@ def test_the_image_cache_stores_content_once_and_stays_under_its_bound(image_ser
         fetcher.fetch(image_server.add(name, path))
     fetcher.evict()
     assert cache_bytes(tmp_path / "cache" / "images" / "blobs") <= 0.05e6
+    # the ledger every process checks the bound against holds the size on disk
+    assert int((tmp_path / "cache" / "images" / ".size").read_text()) == cache_bytes(tmp_path / "cache" / "images" / "blobs")
     first = image_server.add(names[0], tmp_path / names[0])
     fetcher.fetch(first)  # evicted long ago: fetched again
     assert image_server.count(f"/{names[0]}") == 2
