@@ -130,6 +130,12 @@ class ImageServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
+    def __enter__(self) -> "ImageServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _record(self, req: SeenRequest) -> None:
         with self._lock:
             self.requests.append(req)
@@ -231,11 +237,8 @@ def _handler_for(server: ImageServer):
 @pytest.fixture
 def image_server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving `tmp_path/"served"`; see `ImageServer`."""
-    server = ImageServer(tmp_path / "served")
-    try:
+    with ImageServer(tmp_path / "served") as server:
         yield server
-    finally:
-        server.close()
 
 
 # --- real_images ---------------------------------------------------------------------------------

@@ -396,8 +396,7 @@ def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
 
 def test_predict_never_sends_the_token_to_a_host_hidden_behind_a_backslash(auth_client, served, tmp_path):
     # urllib.parse reads the host after the `@` (Label Studio); urllib3 connects to the one before the backslash
-    other = ImageServer(tmp_path / "other")
-    try:
+    with ImageServer(tmp_path / "other") as other:
         good = _basic(("annotator:" + SECRET_PASS + "-pässwörd").encode())
         image = f"http://127.0.0.1:{other.port}\\@127.0.0.1:{served.port}/data/upload/7/good0.png"
         r = auth_client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": image}}], "project": PROJECT,
@@ -405,8 +404,6 @@ def test_predict_never_sends_the_token_to_a_host_hidden_behind_a_backslash(auth_
         assert r.status_code == 200
         assert [req.headers.get("authorization") for req in other.requests] == []
         assert "backslash" in r.json["results"][0]["error"]
-    finally:
-        other.close()
 
 
 # --- Label Studio-side bad input, through the real training job ----------------------------------

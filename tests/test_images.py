@@ -167,11 +167,8 @@ def test_auth_headers_not_forwarded_on_redirect(image_server, real_images, fetch
 @pytest.fixture
 def other_server(tmp_path):
     """A second loopback server: a host that must never see Label Studio's token."""
-    server = ImageServer(tmp_path / "other")
-    try:
+    with ImageServer(tmp_path / "other") as server:
         yield server
-    finally:
-        server.close()
 
 
 def tricky_url(connects_to, looks_like, path="/data/upload/1/0.png") -> str:
@@ -204,16 +201,6 @@ def test_backslash_url_does_not_bypass_the_allow_list(image_server, other_server
         fetcher_for(allowed_hosts=f"localhost:{image_server.port}").fetch(url)
     assert other_server.requests == []
     assert "backslash" in info.value.reason
-
-
-@pytest.mark.parametrize("url, reason", [
-    ("http://127.0.0.1:1\tx/a.png", "control character"),
-    ("http://user:pw@127.0.0.1:1/a.png", "credentials"),
-    ("http://127.0.0.1:1\\/a.png", "backslash"),
-])
-def test_ambiguous_urls_are_refused(fetcher_for, url, reason):
-    with pytest.raises(ImageError, match=reason):
-        fetcher_for(allowed_hosts="*").fetch(url)
 
 
 # --- the token goes only to Label Studio's media routes ---------------------------------------------
@@ -362,6 +349,10 @@ def test_allowed_host_with_other_port_is_refused(image_server, fetcher_for):
     ("data:text/plain;base64,aGVsbG8=", "only data:image"),
     ("img.png", "not an absolute http"),
     ("", "empty or missing URL"),
+    # URLs that URL parsers read differently (see tricky_url)
+    ("http://127.0.0.1:1\tx/a.png", "control character"),
+    ("http://user:pw@127.0.0.1:1/a.png", "credentials"),
+    ("http://127.0.0.1:1\\/a.png", "backslash"),
 ])
 def test_refused_schemes_and_malformed_urls(fetcher_for, url, reason):
     with pytest.raises(ImageError, match=reason):
