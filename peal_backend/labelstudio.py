@@ -255,19 +255,14 @@ class LabelStudio:
                 labeled.append((task, annotation))
         return labeled, unlabeled
 
-    def labeled_tasks(self, project_id: int) -> Iterator[tuple[dict, dict]]:
+    def labeled_tasks(self, project_id: int) -> list[tuple[dict, dict]]:
         """(task, annotation) for every task with a usable annotation: the latest one, skipping
         cancelled (skipped) and empty annotations."""
-        for task in self.tasks(project_id):
-            annotation = latest_usable_annotation(task)
-            if annotation is not None:
-                yield task, annotation
+        return self.split_tasks(project_id)[0]
 
-    def unlabeled_tasks(self, project_id: int) -> Iterator[dict]:
+    def unlabeled_tasks(self, project_id: int) -> list[dict]:
         """Tasks without a usable annotation: the pool to score."""
-        for task in self.tasks(project_id):
-            if latest_usable_annotation(task) is None:
-                yield task
+        return self.split_tasks(project_id)[1]
 
     # --- predictions ----------------------------------------------------------------------------
 

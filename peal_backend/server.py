@@ -28,9 +28,9 @@ from .model import LabelConfigError, PayloadError, PealModel, project_id
 log = logging.getLogger(__name__)
 
 TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"}
-# Events after which the queue is re-ordered at once (new tasks must be placed in it), whatever
-# PEAL_RETRAIN_EVERY says
-ORDER_EVENTS = {"TASKS_CREATED"}
+# Events that run a cycle at once, whatever PEAL_RETRAIN_EVERY says: "Start training", and new tasks
+# (they must be placed in the queue)
+IMMEDIATE_EVENTS = {"START_TRAINING", "TASKS_CREATED"}
 MAX_BODY_BYTES = 32 * 1024 * 1024
 SETUP_CHECK_SECONDS = 1.5  # Label Studio waits 3 s for /setup
 
@@ -262,11 +262,11 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         action = data.get("action")
         if not isinstance(action, str):  # a list or object here made the set lookup raise TypeError (500)
             raise PayloadError(f"'action' must be a string such as \"ANNOTATION_CREATED\", got {type(action).__name__}")
-        if action not in TRAINING_EVENTS | ORDER_EVENTS and action != "START_TRAINING":
+        if action not in TRAINING_EVENTS | IMMEDIATE_EVENTS:
             return jsonify(status="Unknown event", action=action), 200
         pid = project_id(data.get("project"))
         queue = get_queue()
-        if action == "START_TRAINING" or action in ORDER_EVENTS:
+        if action in IMMEDIATE_EVENTS:
             outcome = queue.request_training(pid, action)
         else:
             outcome = {"queued": queue.note_annotation(pid)}
