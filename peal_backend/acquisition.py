@@ -405,7 +405,12 @@ def _kmeans(x: np.ndarray, k: int, seed: int, max_points_per_centroid: int = 64,
         objective = km.train(sample, init_centroids=sample[seeds])
         if best is None or objective < best[0]:
             best = (objective, km)
-    index = best[1].index
+    return _nearest_centroid(best[1].index, x, rows)
+
+
+def _nearest_centroid(index, x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of x[rows]'s nearest centroid in a faiss `index` and its squared distance, block by block
+    (x[rows] is never copied whole)."""
     assign = np.empty(rows.size, dtype=np.int64)
     sqdist = np.empty(rows.size, dtype=np.float32)
     for s in range(0, rows.size, _BLOCK):
@@ -422,11 +427,7 @@ def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     km = faiss.Kmeans(x.shape[1], k, niter=10, seed=seed, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=64)
     km.train(x)
-    out = np.empty(x.shape[0], dtype=np.int64)
-    for s in range(0, x.shape[0], _BLOCK):
-        _, idx = km.index.search(x[s:s + _BLOCK], 1)
-        out[s:s + _BLOCK] = idx[:, 0]
-    return out
+    return _nearest_centroid(km.index, x, np.arange(x.shape[0]))[0]
 
 
 def _typicality(x: np.ndarray, k_neighbors: int) -> np.ndarray:
