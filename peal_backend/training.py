@@ -164,11 +164,18 @@ def fit_head(features: torch.Tensor, targets: torch.Tensor, n_classes: int, *, m
     return weight.float(), bias.float()
 
 
-def frozen_features(model: Classifier, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The head's input features under the model as it is now (no gradient)."""
+def frozen_features(model: Classifier, pixels: torch.Tensor, batch_size: int,
+                    prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's input features under the model as it is now (no gradient); finished from `prefix`
+    (the tokens entering its first adapted block, `_frozen_prefix`) when given, so the frozen blocks
+    do not run twice."""
     model.eval()
     with torch.inference_mode():
-        parts = [model.features(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        if prefix is None:
+            parts = [model.features(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        else:
+            parts = [model.features_from(prefix[i:i + batch_size], model.first_adapted)
+                     for i in range(0, len(prefix), batch_size)]
     return torch.cat(parts).clone() if parts else torch.zeros(0, model.feature_dim)
 
 
@@ -193,8 +200,14 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
     n = len(pixels) if features is None else len(features)
     if n == 0:
         raise ValueError("no labeled images to train on")
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    model.eval()
+    # the frozen blocks' output, computed once: it feeds the head fit and every fine-tuning step
+    prefix = _frozen_prefix(model, pixels, settings.inference_batch_size) if adapter_params else None
     if features is None:
-        features = frozen_features(model, pixels, settings.inference_batch_size)
+        features = frozen_features(model, pixels, settings.inference_batch_size, prefix)
     calibration = settings.calibration_weight if settings.calibration and not multilabel else 0.0
     weight, bias = fit_head(features, targets, model.head.out_features, multilabel=multilabel,
                             c=settings.head_c, calibration_weight=calibration)
@@ -202,15 +215,11 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
         model.head.weight.copy_(weight.to(device))
         model.head.bias.copy_(bias.to(device))
     head_seconds = time.perf_counter() - started
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     if not adapter_params:  # linear probe: the fitted head is the model
         model.eval()
         return {"steps": 0, "n_labeled": n, "final_loss": _head_loss(model, features, targets, multilabel),
                 "head_seconds": round(head_seconds, 3), "train_seconds": round(time.perf_counter() - started, 3)}
 
-    prefix = _frozen_prefix(model, pixels, settings.inference_batch_size)
     groups = [{"params": head_params, "lr": settings.learning_rate * settings.head_lr_multiplier},
               {"params": adapter_params, "lr": settings.learning_rate}]
     opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=5e-4)
