@@ -264,7 +264,7 @@ class PealModel:
                 positions.append(i)
         if images:
             out = self.score(loaded, images, hashes)
-            fallback = uncertainty_score(out.probs, loaded.multiple)
+            fallback = None if loaded.queue else uncertainty_score(out.probs, loaded.multiple)
             for j, i in enumerate(positions):
                 tid = _task_id(tasks[i])
                 # one scale for every score: the task's place in the queue, 0 = label next, 1 = last. A task
