@@ -354,11 +354,6 @@ def prepare(data: Dataset, settings: Settings, cache_dir: str | Path) -> Prepare
                     str(cache_dir))
 
 
-def cycle_seed(seed: int, step: int) -> int:
-    """A distinct seed for every (seed, step), for anything the simulator draws itself."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
-
 def simulated_cycle(prep: Prepared, settings: Settings, labeled: np.ndarray, init: dict | None = None) -> CycleResult:
     """The backend's cycle on the train split, `labeled` (train indices, in the order Label Studio lists
     their tasks) labeled, the rest the pool (in index order)."""

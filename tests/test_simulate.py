@@ -18,10 +18,9 @@ from hypothesis import given, settings as hsettings, strategies as st
 from PIL import Image
 
 from peal_backend import simulate as sim
-from peal_backend.backbone import PACKAGED_BACKBONES, build_classifier
+from peal_backend.backbone import PACKAGED_BACKBONES
 from peal_backend.config import Settings
 from peal_backend.images import preprocess, to_pil
-from peal_backend.training import fit, predict
 from tests.backbone_fixture import tiny_backbone  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
