@@ -294,26 +294,7 @@ class LabelStudio:
         created = self._create_one_by_one(project_id, clustered, model_version) if clustered else 0
         path = f"/api/projects/{int(project_id)}/import/predictions"
         for start in range(0, len(pending), CHUNK_SIZE):
-            chunk = pending[start:start + CHUNK_SIZE]
-            for attempt in range(self.retries + 1):
-                body = [{**p, "model_version": model_version} for p in chunk]
-                try:
-                    r = self._send("POST", path, json=body)
-                except _Transient as e:
-                    if attempt == self.retries:
-                        raise LabelStudioError(f"{e} (after {attempt + 1} attempts)") from None
-                    self._backoff(attempt)
-                    have = self._retry_check(project_id, model_version)
-                    done = [p for p in chunk if p["task"] in have]
-                    created += len(done)
-                    chunk = [p for p in chunk if p["task"] not in have]
-                    if not chunk:
-                        break
-                    continue
-                if r.status_code == 404:
-                    raise LabelStudioError(f"POST {path} -> 404: {self._detail(r)}")
-                created += int((r.json() or {}).get("created", len(chunk)))
-                break
+            created += self._post_once(project_id, model_version, path, pending[start:start + CHUNK_SIZE])
         return created
 
     def _create_one_by_one(self, project_id: int, rows: list[dict], model_version: str) -> int:
@@ -321,25 +302,35 @@ class LabelStudio:
         its per-prediction endpoint stores it, so one request each (a few threads in parallel)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def create(row: dict) -> int:
-            body = {**row, "model_version": model_version}
-            for attempt in range(self.retries + 1):
-                try:
-                    r = self._send("POST", "/api/predictions/", json=body)
-                except _Transient as e:
-                    if attempt == self.retries:
-                        raise LabelStudioError(f"{e} (after {attempt + 1} attempts)") from None
-                    self._backoff(attempt)
-                    if row["task"] in self._retry_check(project_id, model_version):
-                        return 0  # the failed attempt had committed
-                    continue
-                if r.status_code == 404:
-                    raise LabelStudioError(f"POST /api/predictions/ -> 404: {self._detail(r)}")
-                return 1
-            return 0
-
         with ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS) as pool:
-            return sum(pool.map(create, rows))
+            return sum(pool.map(lambda row: self._post_once(project_id, model_version, "/api/predictions/", [row],
+                                                            single=True), rows))
+
+    def _post_once(self, project_id: int, model_version: str, path: str, rows: list[dict], *,
+                   single: bool = False) -> int:
+        """POST predictions (a list to the bulk import, or the one row of `rows` to the per-prediction
+        endpoint with `single`), retried on transient failures; returns how many were created. A failed
+        request may have committed on the server: before each retry the rows Label Studio now holds are
+        counted as created and left out, so retries never duplicate."""
+        created = 0
+        for attempt in range(self.retries + 1):
+            body = [{**p, "model_version": model_version} for p in rows]
+            try:
+                r = self._send("POST", path, json=body[0] if single else body)
+            except _Transient as e:
+                if attempt == self.retries:
+                    raise LabelStudioError(f"{e} (after {attempt + 1} attempts)") from None
+                self._backoff(attempt)
+                have = self._retry_check(project_id, model_version)
+                created += sum(p["task"] in have for p in rows)
+                rows = [p for p in rows if p["task"] not in have]
+                if not rows:
+                    return created
+                continue
+            if r.status_code == 404:
+                raise LabelStudioError(f"POST {path} -> 404: {self._detail(r)}")
+            return created + (len(rows) if single else int((r.json() or {}).get("created", len(rows))))
+        return created
 
     def _retry_check(self, project_id: int, model_version: str) -> set[int]:
         try:
