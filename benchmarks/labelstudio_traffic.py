@@ -53,7 +53,7 @@ requests.Session.request = recorded
 fields = {f.name for f in dataclasses.fields(Settings)}
 s = Settings(**{k: v for k, v in cfg["settings"].items() if k in fields})
 out = []
-for cycle in range(2):
+for cycle in range(cfg.get("cycles", 2)):
     if cycle:
         ls = LabelStudio(cfg["ls_url"], cfg["token"])
         requests.post(f"{cfg['ls_url']}/api/tasks/{cfg['extra_task']}/annotations/", headers=ls.auth_headers(),
@@ -129,6 +129,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=20000)
     p.add_argument("--code", action="append", default=[], help="another checkout to measure too (repeatable)")
+    p.add_argument("--cycles", type=int, default=2, help="training cycles per checkout (the second after one more label)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     data = load_dataset("fashion-mnist", args.tasks, 10)
@@ -153,7 +154,7 @@ def main() -> None:
                 pid, ids = make_project(ls.client, ls.url, ls.token, images_url, data.train_labels, args.tasks, f"traffic {len(rows)}")
                 print(f"{label}: project {pid} with {len(ids)} tasks made in {time.perf_counter() - t0:.0f} s", flush=True)
                 extra = [j for j in range(args.tasks) if data.train_labels[j] == 0][2]  # a third label of class 0
-                cfg = {"ls_url": ls.url, "token": ls.token, "project": pid, "extra_task": ids[extra],
+                cfg = {"ls_url": ls.url, "token": ls.token, "project": pid, "cycles": args.cycles, "extra_task": ids[extra],
                        "extra_result": result_for(0),
                        "settings": {"label_studio_url": ls.url, "label_studio_api_key": ls.token,
                                     "model_dir": str(tmp / f"models-{len(rows)}"), "backbone": "peal-mini",
@@ -189,7 +190,7 @@ def _describe(code: str) -> str:
 
 def report(rows: list[dict], args) -> str:
     lines = [f"# Label Studio traffic of one training cycle: a {args.tasks:,}-task project", "",
-             f"Command: `python -m benchmarks.labelstudio_traffic --tasks {args.tasks}"
+             f"Command: `python -m benchmarks.labelstudio_traffic --tasks {args.tasks} --cycles {args.cycles}"
              + "".join(f" --code {c}" for c in args.code) + "` (Fashion-MNIST images on a local HTTP host, linear "
              "probe on peal-mini, 20 labels then one more; Label Studio 1.23.2 on the same 2-core machine). Image "
              "fetches are not counted: only calls to Label Studio.", "",
@@ -198,9 +199,10 @@ def report(rows: list[dict], args) -> str:
     for r in rows:
         lines.append(f"| {r['code']} | {r['cycle']} | {r['requests']} | {r['mb_down']:.1f} | {r['mb_up']:.1f} | "
                      f"{r['ls_seconds']:.1f} | {r['cycle_seconds']:.1f} |")
-    lines += ["", "Calls by route (second cycle): requests, MB down", ""]
+    last = max(r["cycle"] for r in rows)
+    lines += ["", f"Calls by route (cycle {last}): requests, MB down", ""]
     for r in rows:
-        if r["cycle"] == 2:
+        if r["cycle"] == last:
             lines.append(f"- {r['code']}: " + "; ".join(f"`{k}` {v[0]} ({v[1]:.1f} MB)" for k, v in sorted(r["by_path"].items())))
     return "\n".join(lines) + "\n"
 
