@@ -13,12 +13,13 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FuturesTimeout
 
+import requests
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
 from .backbone import BackboneLoadError, load_backbone
-from .config import Settings, unknown_variables
+from .config import Settings, hide_url_secrets, unknown_variables
 from .images import ImageFetcher
 from .jobs import QueueError
 from .training import configure_torch
@@ -33,6 +34,10 @@ TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELE
 IMMEDIATE_EVENTS = {"START_TRAINING", "TASKS_CREATED"}
 MAX_BODY_BYTES = 32 * 1024 * 1024
 SETUP_CHECK_SECONDS = 1.5  # Label Studio waits 3 s for /setup
+
+
+class LabelStudioUnreachable(Exception):
+    """LABEL_STUDIO_URL does not answer at all (refused, unknown host): a 502 naming the setting."""
 
 
 def _check_basic_auth(settings: Settings) -> bool:
@@ -152,6 +157,11 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         log.error("Label Studio: %s", exc)
         return jsonify(error=f"Label Studio request failed: {exc}"), 502
 
+    @app.errorhandler(LabelStudioUnreachable)
+    def label_studio_unreachable(exc):
+        log.error("%s", exc)
+        return jsonify(error=str(exc)), 502
+
     @app.errorhandler(QueueError)
     def queue_error(exc):
         log.error("training queue unavailable: %s", exc)
@@ -181,18 +191,32 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     setup_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peal-setup-check")
 
     def check_setup(pid: int) -> None:
+        """What would make the first training fail, as an error naming the setting to fix."""
         load_backbone(settings.backbone)  # BackboneLoadError: 503 naming PEAL_BACKBONE
         if not settings.label_studio_api_key:
-            log.warning("LABEL_STUDIO_API_KEY is not set: the backend can predict but cannot read annotations, "
-                        "fetch Label Studio's images or push predictions")
-            return
+            return  # refused by setup() itself, whether or not this check finishes in time
+        from .labelstudio import LabelStudio
+        try:  # Label Studio's own /health needs no token: tells an unreachable URL from a refused token
+            requests.get(settings.label_studio_url.rstrip("/") + "/health", timeout=SETUP_CHECK_SECONDS,
+                         allow_redirects=False)
+        except requests.ConnectionError as exc:
+            raise LabelStudioUnreachable(
+                f"cannot reach Label Studio at LABEL_STUDIO_URL={hide_url_secrets(settings.label_studio_url)} "
+                f"({type(exc).__name__}): set it to an address of Label Studio that this backend can reach") from None
+        except requests.RequestException:
+            return  # slow, not absent: leave it to the training to report
+        quick = LabelStudio(settings.label_studio_url, settings.label_studio_api_key, timeout=SETUP_CHECK_SECONDS, retries=0)
         try:
-            ls_client().project(pid)
+            quick.project(pid)
         except LabelStudioError as exc:
             if any(f"-> {code}" in str(exc) for code in (401, 403)):
                 raise PayloadError(f"LABEL_STUDIO_API_KEY is not accepted by Label Studio at LABEL_STUDIO_URL "
                                    f"({exc}); give the backend a valid token") from None
-            raise
+            if "-> 404" in str(exc):
+                raise PayloadError(f"project {pid} is not in the Label Studio at LABEL_STUDIO_URL="
+                                   f"{hide_url_secrets(settings.label_studio_url)}: point LABEL_STUDIO_URL at the "
+                                   "Label Studio that connects this backend") from None
+            log.warning("project %s: /setup could not check Label Studio: %s", pid, exc)
 
     @app.post("/setup")
     def setup():
@@ -208,6 +232,11 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         except FuturesTimeout:
             log.info("project %s: /setup checks still running after %.1f s; answering without them", pid,
                      SETUP_CHECK_SECONDS)
+        if not settings.label_studio_api_key:
+            # without a token the backend cannot read the project's annotations: it would never train
+            raise PayloadError("LABEL_STUDIO_API_KEY is not set: the backend cannot read this project's annotations "
+                               "(so it would never train), fetch Label Studio's images or push predictions. Set it to a "
+                               "Label Studio access token (Account & Settings) and restart the backend")
         stats.count("setup")
         # (Label Studio calls /setup several times while connecting: one ordering is enough)
         if (settings.cold_start and settings.label_studio_api_key and model.store.latest(pid) is None

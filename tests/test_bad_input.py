@@ -552,6 +552,8 @@ def test_versions_never_repeat_what_label_studio_holds_and_pruned_ones_leave_it(
 def test_setup_names_a_token_label_studio_refuses(label_studio, settings, tmp_path, served):
     """A wrong LABEL_STUDIO_API_KEY used to pass /setup ("Connected") and fail the first training
     minutes later; now connecting fails with the setting named."""
+    from peal_backend.backbone import load_backbone
+    load_backbone(settings.backbone)  # loaded: the /setup checks fit their time budget
     s = ls_settings(settings, label_studio, served, tmp_path).replace(label_studio_api_key="0" * 40)
     pid, _ = ls_project(label_studio, served, 0)
     client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
@@ -559,7 +561,11 @@ def test_setup_names_a_token_label_studio_refuses(label_studio, settings, tmp_pa
     assert r.status_code == 400 and "LABEL_STUDIO_API_KEY" in r.json["error"] and "0" * 40 not in r.json["error"]
     good = create_app(ls_settings(settings, label_studio, served, tmp_path),
                       queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
-    assert good.post("/setup", json={"project": pid, "schema": CONFIG}).status_code == 200
+    r = good.post("/setup", json={"project": pid, "schema": CONFIG})
+    assert r.status_code == 200 and r.json["model_version"].startswith("peal-")
+    # a project this Label Studio does not hold: LABEL_STUDIO_URL points at another instance
+    r = good.post("/setup", json={"project": 10 ** 9, "schema": CONFIG})
+    assert r.status_code == 400 and "LABEL_STUDIO_URL" in r.json["error"] and str(10 ** 9) in r.json["error"]
 
 
 def test_setup_names_a_backbone_that_cannot_load(settings, tmp_path):

@@ -96,13 +96,22 @@ def test_health_and_index(client):
         assert r.status_code == 200 and r.json["status"] == "UP" and r.json["model_class"] == "PealModel"
 
 
-def test_setup_returns_model_version_and_rejects_bad_configs(client, settings):
-    r = client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "hostname": "http://ls", "access_token": "x"})
-    assert r.status_code == 200 and r.json["model_version"] == "peal-linear-untrained"
-    name = train_version(settings)
-    assert client.post("/setup", json={"project": PROJECT, "schema": CONFIG}).json["model_version"] == name
+def test_setup_rejects_bad_configs_then_a_missing_api_key(client, settings):
     r = client.post("/setup", json={"project": PROJECT, "schema": '<View><Image name="i" value="$i"/></View>'})
     assert r.status_code == 400 and "no <Choices>" in r.json["error"]
+    # a backend without LABEL_STUDIO_API_KEY could never read annotations, so never train: connecting
+    # fails, naming the setting (Label Studio shows the error instead of "Connected")
+    r = client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "hostname": "http://ls", "access_token": "x"})
+    assert r.status_code == 400 and "LABEL_STUDIO_API_KEY is not set" in r.json["error"]
+
+
+def test_setup_names_a_label_studio_url_nothing_answers(settings):
+    from peal_backend.backbone import load_backbone
+    load_backbone(settings.backbone)  # loaded: the /setup checks fit their time budget
+    s = settings.replace(label_studio_url=f"http://127.0.0.1:{free_port()}/ls", label_studio_api_key="k" * 40)
+    c = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    r = c.post("/setup", json={"project": PROJECT, "schema": CONFIG})
+    assert r.status_code == 502 and "LABEL_STUDIO_URL=" in r.json["error"] and "k" * 40 not in r.json["error"]
 
 
 def test_malformed_bodies_get_clear_400s(client):
@@ -205,7 +214,7 @@ def test_basic_auth(settings, tmp_path):
     assert c.post("/setup", json={"project": PROJECT, "schema": CONFIG},
                   headers={"Authorization": f"Basic {bad}"}).status_code == 401
     good = base64.b64encode(b"annotator:s3cret").decode()
-    r = c.post("/setup", json={"project": PROJECT, "schema": CONFIG}, headers={"Authorization": f"Basic {good}"})
+    r = c.get("/versions", headers={"Authorization": f"Basic {good}"})
     assert r.status_code == 200
 
 
@@ -263,11 +272,12 @@ def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_ser
     assert requests.get(url + "/health", timeout=5).json()["status"] == "UP"
     name = train_version(settings)
     r = requests.post(url + "/setup", json={"project": PROJECT, "schema": CONFIG}, timeout=10)
-    assert r.json() == {"model_version": name}
+    assert r.status_code == 400 and "LABEL_STUDIO_API_KEY" in r.json()["error"]  # this backend has none
     tasks, _ = served_tasks(image_server, 4)
     r = requests.post(url + "/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}, timeout=60)
     assert r.status_code == 200
     assert [len(x["result"]) for x in r.json()["results"]] == [1, 1, 1, 1]
+    assert r.json()["model_version"] == name
     r = requests.post(url + "/predict", data=b"\xff\xfe garbage", headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
 
