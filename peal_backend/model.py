@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -214,13 +215,16 @@ class PealModel:
         from concurrent.futures import ThreadPoolExecutor, wait
 
         out: list = [None] * len(tasks)
-        pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="peal-fetch")
-        futures = {}
+        urls: dict[int, str] = {}
         for i, task in enumerate(tasks):
             try:
-                futures[pool.submit(self.fetcher.fetch_both, task_image_url(task, spec))] = i
+                urls[i] = task_image_url(task, spec)
             except PayloadError as exc:
                 out[i] = exc
+        pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="peal-fetch")
+        # hosts take turns: a slow host's tasks queued first would otherwise hold every fetch thread
+        # until the deadline, and the other hosts' tasks would never start
+        futures = {pool.submit(self.fetcher.fetch_both, urls[i]): i for i in interleave_by_host(urls)}
         done, late = wait(futures, timeout=self.settings.predict_deadline)
         pool.shutdown(wait=False, cancel_futures=True)  # fetches in flight end within PEAL_FETCH_TIMEOUT
         for future in done:
@@ -274,6 +278,20 @@ class PealModel:
                 results[i] = {"result": choices_result(spec, out.probs[j], self.settings.threshold),
                               "score": float(score), "model_version": loaded.version.name}
         return results  # type: ignore[return-value]
+
+
+def interleave_by_host(urls: dict[int, str]) -> list[int]:
+    """The keys of `urls` with their hosts taking turns (round robin, in first-seen order), each host's
+    own order kept. Relative URLs (Label Studio's media) count as one host."""
+    by_host: dict[str, list[int]] = {}
+    for i, url in urls.items():
+        try:
+            host = urlsplit(url).netloc.lower()
+        except ValueError:
+            host = url
+        by_host.setdefault(host, []).append(i)
+    queues = list(by_host.values())
+    return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
 
 
 def task_image_url(task: dict, spec: LabelSpec) -> str:

@@ -601,6 +601,31 @@ def test_a_hanging_host_costs_its_tasks_not_the_request(settings, good_tasks, he
     assert all(x["result"] == [] and "PEAL_PREDICT_DEADLINE" in x["error"] for x in results[len(good_tasks):])
 
 
+def test_a_hanging_host_with_many_tasks_first_does_not_starve_another_host(settings, good_tasks, held_host, served):
+    from peal_backend.model import FETCH_THREADS
+
+    # the same loopback server under a second name: a second host to the backend
+    other = f"localhost:{served.port}"
+    s = settings.replace(fetch_timeout=60.0, predict_deadline=5.0, allowed_hosts=other)
+    client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
+    held = [{"id": 900 + i, "data": {"image": f"http://{other}/data/upload/7/held.png?n={i}"}}
+            for i in range(FETCH_THREADS + 4)]  # more than there are fetch threads, listed first
+    r = client.post("/predict", json={"tasks": held + good_tasks, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200
+    results = r.json["results"]
+    assert all(x["result"] and "error" not in x for x in results[len(held):])
+    assert all(x["result"] == [] and "PEAL_PREDICT_DEADLINE" in x["error"] for x in results[:len(held)])
+
+
+def test_hosts_take_turns_in_the_fetch_order():
+    from peal_backend.model import interleave_by_host
+
+    urls = {0: "http://a/1", 1: "http://a/2", 2: "http://a/3", 3: "/data/upload/1", 4: "http://B/1", 5: "http://b/2",
+            7: "/data/upload/2"}
+    assert interleave_by_host(urls) == [0, 3, 4, 1, 7, 5, 2]
+    assert interleave_by_host({}) == []
+
+
 def test_too_many_tasks_in_one_request_is_a_400_naming_the_cap(settings, good_tasks):
     s = settings.replace(predict_max_tasks=2)
     client = create_app(s, queue=make_queue(s, job="tests.jobfuncs.scripted")).test_client()
