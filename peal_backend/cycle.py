@@ -14,6 +14,8 @@ A cycle has two phases:
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -178,7 +180,9 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     n_lab = len(labeled)
     everything = concat(labeled, pool)
     probe = build_classifier(settings.replace(adapter="linear"), n_classes)
+    started = time.perf_counter()
     frozen_pred = score_images(probe, settings, everything, cache_dir, multilabel=multiple)
+    score_seconds = time.perf_counter() - started
     frozen = frozen_pred.embeddings
     trainable = can_train(targets, multiple)
     labels = class_ids(targets) if n_lab else np.zeros(0, np.int64)
@@ -197,9 +201,12 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
         else:
             metrics.update(fit(clf, labeled.pixels(list(range(n_lab))), targets, settings, multilabel=multiple,
                                progress=progress))
+            started = time.perf_counter()
             outputs = score_images(clf, settings, everything, cache_dir, multilabel=multiple)
+            score_seconds += time.perf_counter() - started
     else:
         outputs = _uniform(n_lab + len(pool), n_classes, frozen)
+    metrics["score_seconds"] = round(score_seconds, 3)  # the pool and the labeled set through the model
 
     if len(pool) == 0:
         empty = np.zeros(0, np.int64)

@@ -224,15 +224,19 @@ class LabelStudio:
 
     # --- tasks ----------------------------------------------------------------------------------
 
-    def tasks(self, project_id: int, include: str | None = None) -> Iterator[dict]:
-        """Every task of the project, with annotations and predictions inline (or only the fields in
-        `include`), a page at a time, until the `total` Label Studio reports (a short page alone does
-        not end the scan: Label Studio may cap the page size)."""
+    def tasks(self, project_id: int, include: str | None = None, *, fields: str = "all",
+              query: dict | None = None) -> Iterator[dict]:
+        """Every task of the project (or those a Data Manager `query` selects), with annotations and
+        predictions inline (`fields="all"`; "task_only" leaves both out) or only the fields in `include`,
+        a page at a time, until the `total` Label Studio reports (a short page alone does not end the
+        scan: Label Studio may cap the page size)."""
         page, seen = 1, 0
         while True:
-            params = {"project": int(project_id), "fields": "all", "page": page, "page_size": PAGE_SIZE}
+            params = {"project": int(project_id), "fields": fields, "page": page, "page_size": PAGE_SIZE}
             if include:
                 params["include"] = include
+            if query:
+                params["query"] = json.dumps(query)
             r = self._request("GET", "/api/tasks/", params=params)
             if r.status_code == 404:  # "Invalid page": past the end
                 return
@@ -246,17 +250,28 @@ class LabelStudio:
             page += 1
 
     def split_tasks(self, project_id: int) -> tuple[list[tuple[dict, dict]], list[dict]]:
-        """One scan: (task, latest usable annotation) for the labeled tasks, and the unlabeled tasks.
-        Two scans would see a task annotated between them as both. (Predictions ride along: Label
-        Studio 1.23's `include` cuts nested annotations down to their id, so it cannot leave them out;
-        the backend deletes the predictions of versions it pruned, which bounds them.)"""
+        """(task, latest usable annotation) for the labeled tasks, and the unlabeled tasks.
+
+        Two requests per page but no prediction in the bytes: one scan of every task without annotations
+        or predictions (`task_only`: id, data and the annotation count), then the annotated tasks alone
+        with their annotations. The first scan decides which side each task is on, so a task annotated
+        between the two is unlabeled this cycle, never both. (One `fields=all` scan carried every
+        prediction of every kept version: Label Studio 1.23's `include` cannot drop them and keep the
+        annotations.)"""
+        light = list(self.tasks(project_id, include="id,data,total_annotations", fields="task_only"))
+        annotated = {t["id"] for t in light if (t.get("total_annotations") or 0) > 0}
+        full: dict[int, dict] = {}
+        if annotated:
+            query = {"filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}}
+            full = {t["id"]: t for t in self.tasks(project_id, query=query) if t.get("id") in annotated}
         labeled, unlabeled = [], []
-        for task in self.tasks(project_id):
-            annotation = latest_usable_annotation(task)
-            if annotation is None:
+        for task in light:
+            annotation = latest_usable_annotation(full[task["id"]]) if task["id"] in full else None
+            if annotation is None:  # none, or only skipped or empty ones
                 unlabeled.append(task)
             else:
-                labeled.append((task, annotation))
+                labeled.append((full[task["id"]], annotation))
         return labeled, unlabeled
 
     def labeled_tasks(self, project_id: int) -> list[tuple[dict, dict]]:

@@ -133,6 +133,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                         "pool_sharding": sharding},
             "parameters": counts}
     check_lease()  # fenced: a job that lost its lease (another training may run) writes nothing
+    saving = time.perf_counter()
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
     version = store.save(project, prefix, state, meta,
                          files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)}},
@@ -141,7 +142,10 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
              "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)
 
     pushed = 0
+    timings = {"fetch": round(fetch_seconds, 3), "train": result.metrics.get("train_seconds", 0.0),
+               "score": result.metrics.get("score_seconds", 0.0), "save": round(time.perf_counter() - saving, 3)}
     if settings.push_predictions:
+        pushing = time.perf_counter()
         check_lease()
         predictions = []
         for i, t in enumerate(pool_tasks):
@@ -151,6 +155,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                 p["cluster"] = int(clusters[i])
             predictions.append(p)
         pushed = ls.create_predictions(project, predictions, version.name, new_version=version.name not in held)
+        timings["push"] = round(time.perf_counter() - pushing, 3)
+        switching = time.perf_counter()
         if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
             check_lease()
             ls.set_model_version(project, version.name)
@@ -162,9 +168,11 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         for old in held:
             if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
                 ls.delete_model_version(project, old)
+        timings["switch"] = round(time.perf_counter() - switching, 3)  # model_version moved, old versions deleted
     first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
     return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
             "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
             "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
             "skipped_annotations": skipped,
-            "trainable_parameters": counts["trainable"], "seconds": round(time.perf_counter() - started, 3)}
+            "trainable_parameters": counts["trainable"], "timings": timings,
+            "seconds": round(time.perf_counter() - started, 3)}

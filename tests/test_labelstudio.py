@@ -215,6 +215,32 @@ def test_labeled_and_unlabeled_split_with_the_latest_annotation(label_studio, mo
 
 
 @pytest.mark.labelstudio
+def test_the_split_does_not_download_predictions(label_studio, monkeypatch):
+    """Every kept version's predictions used to ride along on every task of the scan (issue 14.16)."""
+    import requests
+
+    pid, t = new_project(label_studio, 6)
+    label_studio.client.annotations.create(id=t[0], result=choice("normal"))
+    client = LabelStudio(label_studio.url, label_studio.token)
+    for version in ("v1", "v2", "v3"):
+        client.create_predictions(pid, [{"task": tid, "result": choice("normal"), "score": 0.5} for tid in t], version)
+    bodies = []
+    original = requests.Session.request
+
+    def recorded(self, method, url, *args, **kwargs):
+        r = original(self, method, url, *args, **kwargs)
+        bodies.append(r.content)
+        return r
+
+    monkeypatch.setattr(requests.Session, "request", recorded)  # records, the real request still runs
+    labeled, unlabeled = client.split_tasks(pid)
+    assert [task["id"] for task, _ in labeled] == [t[0]] and sorted(x["id"] for x in unlabeled) == sorted(t[1:])
+    assert all("predictions" not in x for x in unlabeled)
+    # only the labeled task's body carries predictions: the unlabeled ones' never left Label Studio
+    assert sum(b.count(b'"model_version":"v') + b.count(b'"model_version": "v') for b in bodies) <= 3
+
+
+@pytest.mark.labelstudio
 def test_predictions_are_created_once_and_model_version_patched(label_studio):
     pid, t = new_project(label_studio, 5)
     client = LabelStudio(label_studio.url, label_studio.token)
