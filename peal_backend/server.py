@@ -33,7 +33,8 @@ TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELE
 # (they must be placed in the queue)
 IMMEDIATE_EVENTS = {"START_TRAINING", "TASKS_CREATED"}
 MAX_BODY_BYTES = 32 * 1024 * 1024
-SETUP_CHECK_SECONDS = 1.5  # Label Studio waits 3 s for /setup
+SETUP_SECONDS = 2.5  # Label Studio waits 3 s for /setup: what the whole answer may take here
+SETUP_CHECK_SECONDS = 1.5  # of which the checks of the backbone and of Label Studio get at most this
 
 
 class LabelStudioUnreachable(Exception):
@@ -84,6 +85,19 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     configure_torch(settings)
     if unknown := unknown_variables():
         log.warning("ignoring environment variables that are no setting of peal-backend: %s", ", ".join(unknown))
+    def warm_up() -> None:
+        # The first /setup comes from Label Studio, which gives up after 3 s: importing torch, transformers
+        # and the training code and loading the backbone took longer than that on a busy 2-core machine.
+        # Done at start, in the background (/health answers meanwhile).
+        try:
+            from . import cycle  # noqa: F401  (the modules /setup, /predict and trainings use)
+            load_backbone(settings.backbone)
+        except BackboneLoadError as exc:
+            log.error("%s", exc)  # /setup and /predict answer 503 with it
+        except Exception:  # noqa: BLE001 - a warm-up never takes the server down; requests report it
+            log.exception("warming up the backbone failed")
+
+    threading.Thread(target=warm_up, name="peal-warm-up", daemon=True).start()
     app = Flask("peal_backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
@@ -220,18 +234,21 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
 
     @app.post("/setup")
     def setup():
+        started = time.perf_counter()
         data = body()
         pid = project_id(data.get("project"))
         model = get_model()
         version = model.setup(pid, data.get("schema") or data.get("label_config"))
         # What would make the first training fail minutes later, answered now, where Label Studio shows
-        # it while connecting. Label Studio gives /setup 3 s, so the checks get SETUP_CHECK_SECONDS: one
-        # still running then (a first backbone load on a busy machine) is left to the training to report.
+        # it while connecting. Label Studio gives /setup 3 s, so the checks get what is left of SETUP_SECONDS,
+        # at most SETUP_CHECK_SECONDS: one still running then (a first backbone load on a busy machine) is
+        # left to the training to report.
         try:
-            setup_checks.submit(check_setup, pid).result(timeout=SETUP_CHECK_SECONDS)
+            budget = min(SETUP_CHECK_SECONDS, SETUP_SECONDS - (time.perf_counter() - started))
+            setup_checks.submit(check_setup, pid).result(timeout=max(0.05, budget))
         except FuturesTimeout:
             log.info("project %s: /setup checks still running after %.1f s; answering without them", pid,
-                     SETUP_CHECK_SECONDS)
+                     time.perf_counter() - started)
         if not settings.label_studio_api_key:
             # without a token the backend cannot read the project's annotations: it would never train
             raise PayloadError("LABEL_STUDIO_API_KEY is not set: the backend cannot read this project's annotations "
