@@ -282,6 +282,33 @@ def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_ser
     assert r.status_code == 400
 
 
+def test_serve_logs_one_line_per_request(settings, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone,
+           "LABEL_STUDIO_URL": settings.label_studio_url, "LOG_LEVEL": "WARNING"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "peal_backend.cli", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(url + "/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert requests.get(url + "/no-such-page?secret=XYZ", timeout=10).status_code == 404
+        assert requests.post(url + "/webhook", json={"action": "PROJECT_UPDATED", "project": 1}, timeout=10).ok
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    lines = log.read_text().splitlines()
+    assert any('"GET /health" 200' in line for line in lines)
+    assert sum('"GET /no-such-page" 404' in line for line in lines) == 1
+    assert sum('"POST /webhook" 200' in line for line in lines) == 1
+    assert "XYZ" not in log.read_text()
+
+
 def test_real_gunicorn_refuses_a_chunked_body_over_the_limit_with_413(gunicorn_backend):
     from peal_backend.server import MAX_BODY_BYTES
 
