@@ -143,7 +143,15 @@ def main() -> None:
                     return None
                 return result if client.model_versions(pid).get(version, 0) >= args.tasks - k else None
 
-            connect(ls.client, pid, url, title="peal-backend")  # Label Studio calls /setup: the cold start is queued
+            for attempt in range(10):  # Label Studio gives /setup 3 s: a backend still warming up may miss it
+                try:
+                    connect(ls.client, pid, url, title="peal-backend")  # /setup: the cold start is queued
+                    break
+                except Exception as exc:  # noqa: BLE001 - the SDK's ApiError; retried as a user would
+                    print(f"connecting failed ({str(exc)[-200:]}); again in 5 s", flush=True)
+                    time.sleep(5)
+            else:
+                raise SystemExit("Label Studio could not connect the backend")
             first_pass = wait_until(lambda: fresh(0) is not None, "first pass (cold start)", args.timeout, log)
             print(f"first pass (cold-start ordering of {args.tasks} tasks): {first_pass:.1f} s", flush=True)
             rows = []
