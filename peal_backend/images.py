@@ -349,6 +349,15 @@ class ImageFetcher:
         """The file's bytes (for content hashing) and the decoded RGB image; ImageError otherwise."""
         return self._get(url)
 
+    def fetch_content(self, url: str) -> bytes:
+        """The file's bytes, for content hashing. From the disk cache without decoding them again (an
+        entry is written only once its bytes decoded); fetched and checked to decode otherwise."""
+        if not (isinstance(url, str) and url.strip().lower().startswith("data:")):
+            cached = self._cache_read(self.resolve(url))
+            if cached is not None:
+                return cached
+        return self._get(url)[0]
+
     def resolve(self, url: str) -> str:
         """The absolute URL fetched for a task's `url`, after checking it is allowed; ImageError if not."""
         if not isinstance(url, str) or not url.strip():

@@ -27,23 +27,36 @@ from .store import ModelStore, version_number
 log = logging.getLogger(__name__)
 
 
+FETCH_THREADS = 8  # images fetched (and decoded) at once by a training job
+
+
 def _fetch_all(fetcher: ImageFetcher, tasks: list[dict], spec: LabelSpec, what: str, project: int,
                keep_images: bool = True):
-    """Images (and content hashes) of the tasks that can be fetched; a bad image skips its task, never
-    the batch. Without `keep_images` only the hashes are kept (a pool is re-read from the fetcher's
-    disk cache a chunk at a time, so its memory stays bounded)."""
-    kept, images, hashes, errors = [], [], [], 0
-    for task in tasks:
+    """Images (and content hashes) of the tasks that can be fetched, FETCH_THREADS at a time, in task
+    order; a bad image skips its task, never the batch. Without `keep_images` only the hashes are kept
+    (a pool is re-read from the fetcher's disk cache a chunk at a time, so its memory stays bounded),
+    and images already in that cache are not decoded again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(task):
         try:
-            data, image = fetcher.fetch_both(task_image_url(task, spec))
+            url = task_image_url(task, spec)
+            return fetcher.fetch_both(url) if keep_images else (fetcher.fetch_content(url), None)
         except (ImageError, PayloadError) as exc:
-            errors += 1
-            log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), exc)
-            continue
-        if keep_images:
-            images.append(image)
-        hashes.append(content_hash(data))
-        kept.append(task)
+            return exc
+
+    kept, images, hashes, errors = [], [], [], 0
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="peal-job-fetch") as pool:
+        for task, got in zip(tasks, pool.map(one, tasks)):
+            if isinstance(got, Exception):
+                errors += 1
+                log.warning("project %s: skipping %s task %s: %s", project, what, task.get("id"), got)
+                continue
+            data, image = got
+            if keep_images:
+                images.append(image)
+            hashes.append(content_hash(data))
+            kept.append(task)
     return kept, images, hashes, errors
 
 

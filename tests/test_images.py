@@ -260,6 +260,17 @@ def test_second_fetch_comes_from_disk_cache(image_server, real_images, fetcher_f
     assert open(fetcher_for()._blob_path(content_hash(data)), "rb").read() == data
 
 
+def test_fetch_content_is_the_file_checked_once_then_read_from_the_cache(image_server, real_images, fetcher_for):
+    data = real_images.bytes("retina_3.png")
+    url = image_server.add("c.png", data)
+    assert fetcher_for().fetch_content(url) == data  # fetched, checked to decode, cached
+    assert fetcher_for().fetch_content(url) == data  # a new fetcher: from the disk cache
+    assert image_server.count("/c.png") == 1
+    text = image_server.add("c.txt", b"this is text, not a picture\n")
+    with pytest.raises(ImageError):  # never cached unchecked
+        fetcher_for().fetch_content(text)
+
+
 def test_failures_are_not_cached(image_server, fetcher_for, tmp_path):
     url = image_server.add("notes.png", b"this is text, not a picture\n")
     fetcher = fetcher_for()
