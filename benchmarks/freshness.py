@@ -8,9 +8,10 @@ trainings, LoRA, `auto` strategy), connected to the project through Label Studio
 would (Label Studio calls /setup, creates the webhook). First pass: from connecting until every task
 carries a prediction of the cold-start ordering (reported apart). Then, `--labels` times: annotate the
 task Label Studio serves next (`/api/projects/<id>/next`) with its true class, and time until the
-project's `model_version` is a version whose training saw that label *and* every unlabeled task holds
-a prediction at that version. The job's own phase timings (fetch, train, score, save, push, version
-switch) come from the backend's /jobs status of that version's training.
+project's `model_version` is a version whose training saw that label (its meta.json in MODEL_DIR) *and*
+every unlabeled task holds a prediction at that version. The job's own phase timings (fetch, train,
+score, save, push, switch: the model_version moved and pruned versions' predictions deleted, which
+Label Studio does one prediction at a time) come from the backend's /jobs status of that training.
 
 `--backbone dinov2-small` builds a DINOv2-small-shaped model (random weights: no pretrained weights
 can be downloaded here; the cost is the same) and serves it at 224 px.
@@ -20,6 +21,7 @@ The last line printed is `freshness_p50_s: <seconds>`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -132,16 +134,31 @@ def main() -> None:
             def job() -> dict:
                 return requests.get(f"{url}/jobs/{pid}", timeout=30).json()
 
-            def fresh(k: int) -> dict | None:
-                """The last training's result if the project is now ordered by a version that saw k labels."""
+            def fresh(k: int) -> bool:
+                """Whether the project is now ordered by a version that saw k labels, with every unlabeled task
+                predicted at it: Label Studio's model_version, and the labels that version's training saw
+                (its meta.json in MODEL_DIR). The job may still be deleting pruned versions' predictions."""
                 status = job()
                 if status["failures"]:
                     raise SystemExit(f"training failed: {status['last_error']}\n{log.read_text()[-3000:]}")
-                result = status.get("last_result") or {}
-                version = result.get("model_version")
-                if not version or result.get("n_labeled", 0) < k or client.project(pid).get("model_version") != version:
-                    return None
-                return result if client.model_versions(pid).get(version, 0) >= args.tasks - k else None
+                version = client.project(pid).get("model_version")
+                meta = tmp / "models" / str(pid) / str(version) / "meta.json"
+                if not version or not meta.exists():
+                    return False
+                if json.loads(meta.read_text())["metrics"].get("n_labeled", 0) < k:
+                    return False
+                return client.model_versions(pid).get(version, 0) >= args.tasks - k
+
+            def finished_result(version: str) -> dict:
+                """The job's result for `version` (phase timings), once its job has ended (not timed)."""
+                while True:
+                    status = job()
+                    result = status.get("last_result") or {}
+                    if result.get("model_version") == version and status["state"] != "running":
+                        return result
+                    if status["state"] == "idle":
+                        return {}  # superseded before we looked
+                    time.sleep(0.5)
 
             for attempt in range(10):  # Label Studio gives /setup 3 s: a backend still warming up may miss it
                 try:
@@ -152,7 +169,7 @@ def main() -> None:
                     time.sleep(5)
             else:
                 raise SystemExit("Label Studio could not connect the backend")
-            first_pass = wait_until(lambda: fresh(0) is not None, "first pass (cold start)", args.timeout, log)
+            first_pass = wait_until(lambda: fresh(0), "first pass (cold start)", args.timeout, log)
             print(f"first pass (cold-start ordering of {args.tasks} tasks): {first_pass:.1f} s", flush=True)
             rows = []
             for k in range(1, args.labels + 1):
@@ -160,8 +177,8 @@ def main() -> None:
                 tid = task["id"]
                 requests.post(f"{ls.url}/api/tasks/{tid}/annotations/", headers=headers, timeout=60,
                               json={"result": result_for(truth[tid])}).raise_for_status()
-                got: dict = {}
-                seconds = wait_until(lambda: bool(got.update(fresh(k) or {}) or got), f"label {k}", args.timeout, log)
+                seconds = wait_until(lambda: fresh(k), f"label {k}", args.timeout, log)
+                got = finished_result(client.project(pid).get("model_version"))
                 rows.append({"label": k, "seconds": seconds, "status": got.get("status"), "strategy": got.get("strategy"),
                              "version": got.get("model_version"), **{ph: (got.get("timings") or {}).get(ph) for ph in PHASES}})
                 print(f"label {k}: fresh after {seconds:.1f} s ({got.get('model_version')}, {got.get('status')}, "

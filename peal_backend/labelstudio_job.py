@@ -141,7 +141,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             "trained": result.trained, "strategy": result.strategy, "strategy_setting": settings.strategy,
             "balance": settings.balance, "calibration": settings.calibration,
             "warm_started_from": latest.name if init is not None else None, "reason": reason,
-            "metrics": {**result.metrics, "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
+            "metrics": {**result.metrics, "n_labeled": len(tasks), "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
                         "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
                         "pool_sharding": sharding},
             "parameters": counts}
