@@ -26,7 +26,7 @@ body{margin:0}header{background:#111827;color:#f9fafb;padding:14px 24px;display:
 header h1{font-size:20px;margin:0}header .meta{color:#d1d5db;font-size:14px}header a{color:#93c5fd}
 main{padding:18px 24px;display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:18px}
 section{background:#fff;border-radius:10px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 18px}
-section.wide{grid-column:1/-1}h2{font-size:16px;margin:0 0 10px}p.note{color:#6b7280;font-size:12.5px;margin:6px 0}
+section.wide{grid-column:1/-1}section,.side{align-self:start}.side{display:flex;flex-direction:column;gap:18px}h2{font-size:16px;margin:0 0 10px}p.note{color:#6b7280;font-size:12.5px;margin:6px 0}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #f0f0f0}
 th{color:#6b7280;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .signal{border-radius:8px;padding:10px 14px;margin-bottom:10px;font-size:14px}
@@ -62,8 +62,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def line_chart(series: list[dict], *, x_label: str, y_label: str, y_range=(0.0, 1.0), width: int = 640,
-               height: int = 290, threshold: float | None = None, chart_id: str = "chart") -> str:
+def line_chart(series: list[dict], *, x_label: str, y_label: str, y_range=(0.0, 1.0), width: int = 900,
+               height: int = 300, threshold: float | None = None, chart_id: str = "chart") -> str:
     """An inline SVG chart. `series`: dicts with name, color, points [(x, y, tooltip)], dashed, marker
     ("circle" or "triangle"), line (draw the connecting line)."""
     left, right, top, bottom = 52, 16, 14, 42
@@ -135,8 +135,13 @@ def seconds(value) -> str:
     return f"{int(value // 3600)} h {int(value % 3600 // 60)} min"
 
 
-def mib(n) -> str:
-    return f"{(n or 0) / 2**20:.1f} MiB"
+def size(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def pct(v) -> str:
@@ -248,9 +253,9 @@ def settings_panel(o: dict, settings, cache: dict) -> str:
     return (f'<section id="settings"><h2>Settings, versions, caches</h2><dl class="kv">'
             f'<dt>versions kept</dt><dd style="margin:0"><span id="versions-kept">{len(o["versions"])}</span> of '
             f'PEAL_KEEP_VERSIONS={settings.keep_versions}<ul style="margin:4px 0;padding-left:18px">{versions}</ul></dd>'
-            f'<dt>image cache</dt><dd style="margin:0" id="cache-images">{mib(cache.get("images"))} of '
+            f'<dt>image cache</dt><dd style="margin:0" id="cache-images">{size(cache.get("images"))} of '
             f'{settings.image_cache_mb:g} MB</dd>'
-            f'<dt>activation cache</dt><dd style="margin:0" id="cache-activations">{mib(cache.get("activations"))}</dd>'
+            f'<dt>activation cache</dt><dd style="margin:0" id="cache-activations">{size(cache.get("activations"))}</dd>'
             f'<dt>model</dt><dd style="margin:0">{escape(settings.backbone)} · {escape(settings.adapter)} · strategy '
             f'{escape(settings.strategy)}</dd></dl>'
             f'<details style="margin-top:8px"><summary>All settings in force (secrets hidden)</summary>'
@@ -300,8 +305,8 @@ def register(app, settings, get_queue, get_store, get_fetcher, caches) -> None:
                   f'<span class="meta"><a href="/ui">all projects</a> · <a href="/status/{pid}">JSON</a> · '
                   f'<a href="/metrics">metrics</a></span></header>')
         body = (header + "<main>" + curve_panel(o) + queue_panel(o) +
-                f'<section id="job"><h2>Training job</h2>{job_panel(o)}</section>' +
-                settings_panel(o, settings, caches.get()) + "</main>")
+                f'<div class="side"><section id="job"><h2>Training job</h2>{job_panel(o)}</section>' +
+                settings_panel(o, settings, caches.get()) + "</div></main>")
         return page(f"peal-backend · project {pid}", body, JOB_SCRIPT % pid)
 
     @app.get("/ui/<int:pid>/job")

@@ -43,6 +43,7 @@ class JobProgress:
         now = self.clock()
         if self.state.get("phase") != "training":
             self.state.update(phase="training", phase_started_at=now, detail="")
+        first = self.state.get("step") is None  # the first step of this phase is always shown
         self.state.update(step=int(step), total=int(total))
         if loss is not None:
             self.state["loss"] = float(loss)
@@ -50,7 +51,7 @@ class JobProgress:
             self.state["training_seconds"] = now - self.state["phase_started_at"]
             self.state.update(phase="scoring", phase_started_at=now, detail="scoring the unlabeled pool")
             self._write(now)
-        elif now - self._last_write >= MIN_INTERVAL or step == 1:
+        elif first or now - self._last_write >= MIN_INTERVAL:
             self._write(now)
 
     def _write(self, now: float) -> None:

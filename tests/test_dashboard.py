@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -340,5 +341,26 @@ def test_ui_renders_the_project_and_needs_auth(app_settings):
         assert r.status_code == 502 and "thumbnail of task 77" in r.json["error"] and "KEY-SECRET-9" not in r.json["error"]
         assert json.loads(json.dumps(client.get("/status/2", headers=good).json))["queue"][0]["task"] == 77
         assert "image" not in client.get("/status/2", headers=good).json["queue"][0]
+    finally:
+        queue.close()
+
+
+def test_job_panel_and_metrics_follow_a_running_job(app_settings, tmp_path):
+    queue = make_queue(app_settings, job="tests.jobfuncs.progress")
+    try:
+        client = create_app(app_settings, queue=queue).test_client()
+        gate = tmp_path / "gate"
+        queue.request_training(5, f"gate={gate}")
+        wait_for(lambda: (read_progress(app_settings.model_dir, 5) or {}).get("step") == 3, "the job's progress")
+        html = client.get("/ui/5/job").get_data(as_text=True)
+        assert 'id="job-state" class="state-running">running<' in html
+        assert 'data-phase="training">training step 3 of 10<' in html and 'id="job-eta">about' in html
+        m = metrics(client)
+        assert value(m, "peal_training_running", project=5) == 1 and value(m, "peal_training_phase_step", project=5) == 3
+        gate.touch()
+        wait_for(lambda: client.get("/jobs/5").json["state"] == "idle", "the job to end")
+        html = client.get("/ui/5/job").get_data(as_text=True)
+        assert 'id="job-state" class="state-idle">idle<' in html and "job-phase" not in html
+        assert value(metrics(client), "peal_training_running", project=5) == 0
     finally:
         queue.close()
