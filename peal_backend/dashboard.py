@@ -26,7 +26,7 @@ body{margin:0}header{background:#111827;color:#f9fafb;padding:14px 24px;display:
 header h1{font-size:20px;margin:0}header .meta{color:#d1d5db;font-size:14px}header a{color:#93c5fd}
 main{padding:18px 24px;display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:18px}
 section{background:#fff;border-radius:10px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 18px}
-section.wide{grid-column:1/-1}section,.side{align-self:start}.side{display:flex;flex-direction:column;gap:18px}h2{font-size:16px;margin:0 0 10px}p.note{color:#6b7280;font-size:12.5px;margin:6px 0}
+section.wide{grid-column:1/-1}main>section,main>.side{align-self:start}.side{display:flex;flex-direction:column;gap:18px}h2{font-size:16px;margin:0 0 10px}p.note{color:#6b7280;font-size:12.5px;margin:6px 0}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #f0f0f0}
 th{color:#6b7280;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .signal{border-radius:8px;padding:10px 14px;margin-bottom:10px;font-size:14px}
@@ -239,9 +239,9 @@ def job_panel(o: dict) -> str:
                            f'<span id="job-failures">{j.get("failures") or 0}</span> failed'),
              ("last", f'<span id="job-last">{escape(j.get("last_outcome") or "none yet")}</span>'
                       f'{"" if j.get("last_duration_s") is None else " in " + seconds(j["last_duration_s"])}'
-                      f'{"" if not j.get("last_finished_at") else ", at " + escape(str(j["last_finished_at"])[:19]) + " UTC"}')]
+                      f'{"" if not j.get("last_finished_at") else ", at " + escape(str(j["last_finished_at"])[:19].replace("T", " ")) + " UTC"}')]
     kv = "".join(f"<dt>{k}</dt><dd style='margin:0'>{v}</dd>" for k, v in rows)
-    error = (f'<div class="error" id="job-error"><b>Last error</b> ({escape(str(j.get("last_failed_at") or "")[:19])} UTC): '
+    error = (f'<div class="error" id="job-error"><b>Last error</b> ({escape(str(j.get("last_failed_at") or "")[:19].replace("T", " "))} UTC): '
              f'{escape(j["last_error"])}</div>' if j.get("last_error") else "")
     return (f'<div id="job-inner" data-version="{escape(o["latest_version"] or "")}" data-state="{escape(state)}">'
             f'<dl class="kv">{kv}</dl>{error}</div>')

@@ -21,7 +21,9 @@ pruned versions and reads the same from every process sharing MODEL_DIR.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.json"
 PREDICTIONS_FILE = "pool_predictions.json"  # task id -> predicted class indices, written with each trained version
@@ -130,7 +134,8 @@ def stop_signal(kappas: list[float | None], threshold: float = STOP_KAPPA, windo
             "last_kappa": kappas[-1] if kappas else None,
             "reason": (f"the last {run} versions agreed with their predecessor on the unlabeled pool with "
                        f"kappa >= {threshold}: more labels are no longer changing the predictions" if stop else
-                       f"{run} of {window} successive versions stable (kappa >= {threshold}); keep labeling")}
+                       f"{run} of {window} successive versions stable (kappa >= {threshold}): more labels still change "
+                       "the predictions")}
 
 
 def curve(history: dict) -> dict:
@@ -212,6 +217,19 @@ def update_history(model_dir, project: int, change: Callable[[dict], None]) -> d
         return history
 
 
+def _best_effort(fn):
+    """The dashboard's bookkeeping never fails a training: a file that cannot be written is logged."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            log.warning("cannot record the learning curve (%s): %s", fn.__name__, exc)
+            return None
+    return wrapper
+
+
+@_best_effort
 def record_cycle(model_dir, project: int, entry: dict, evaluated: tuple[str, dict] | None) -> dict:
     """Append a cycle (a new version) and, with `evaluated` = (previous version, prequential point),
     give the previous version its point; count the pool scoring in the totals."""
@@ -229,6 +247,7 @@ def record_cycle(model_dir, project: int, entry: dict, evaluated: tuple[str, dic
     return update_history(model_dir, project, change)
 
 
+@_best_effort
 def record_job_seconds(model_dir, project: int, version: str, seconds: float) -> dict:
     """The whole job's duration (fetch to push), for the training-duration histogram."""
     def change(h: dict) -> None:
@@ -252,6 +271,7 @@ ANNOTATIONS_FILE = ".annotations.json"
 MAX_EVENTS = 5000
 
 
+@_best_effort
 def note_annotation_event(model_dir, project: int, when: float | None = None) -> None:
     """Record that an annotation was created/updated/deleted now (the server calls it per webhook)."""
     when = time.time() if when is None else when

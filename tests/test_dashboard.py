@@ -364,3 +364,12 @@ def test_job_panel_and_metrics_follow_a_running_job(app_settings, tmp_path):
         assert value(metrics(client), "peal_training_running", project=5) == 0
     finally:
         queue.close()
+
+
+def test_the_bookkeeping_never_fails_a_training(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where MODEL_DIR should be")
+    assert learning.record_cycle(blocked, 1, {"version": "x-v1"}, None) is None
+    assert learning.record_job_seconds(blocked, 1, "x-v1", 1.0) is None
+    learning.note_annotation_event(blocked, 1)
+    assert learning.read_history(blocked, 1)["cycles"] == []
