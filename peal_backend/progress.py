@@ -44,6 +44,8 @@ class JobProgress:
         if self.state.get("phase") != "training":
             self.state.update(phase="training", phase_started_at=now, detail="")
         first = self.state.get("step") is None  # the first step of this phase is always shown
+        if first:  # the step rate is measured from here (the phase began with the backbone's features)
+            self.state.update(first_step=int(step), first_step_at=now)
         self.state.update(step=int(step), total=int(total))
         if loss is not None:
             self.state["loss"] = float(loss)
@@ -85,9 +87,11 @@ def describe(progress: dict | None, running: bool, typical_seconds: float | None
     if phase == "training" and step and total:
         words = f"training step {step} of {total}"
     eta = None
-    if phase == "training" and step and total and step < total:
-        in_phase = max(0.0, now - float(progress.get("phase_started_at", now)))
-        eta = in_phase / step * (total - step)
+    first, first_at = progress.get("first_step"), progress.get("first_step_at")
+    if phase == "training" and step and total and step < total and first is not None and step > first:
+        rate = max(0.0, float(progress.get("updated_at", now)) - float(first_at)) / (step - first)  # s per step
+        eta = rate * (total - step) - max(0.0, now - float(progress.get("updated_at", now)))
+        eta = max(0.0, eta)
     elif typical_seconds:
         eta = max(0.0, typical_seconds - elapsed)
     if phase != "training" and progress.get("detail"):

@@ -135,13 +135,17 @@ def test_progress_reports_phases_steps_and_an_estimate(tmp_path):
     track.phase("fetching", "fetching 3 labeled and 9 unlabeled images")
     assert read_progress(tmp_path, 5)["phase"] == "fetching"
     track.phase("training")
+    now[0] = 102.0
+    track.step(1, 20, 0.9)  # the first step is shown at once; there is no rate yet
+    p = read_progress(tmp_path, 5)
+    assert (p["step"], describe(p, running=True, typical_seconds=None, now=102.0)["eta_seconds"]) == (1, None)
     now[0] = 110.0
     track.step(5, 20, 0.7)
     p = read_progress(tmp_path, 5)
     assert (p["phase"], p["step"], p["total"]) == ("training", 5, 20)
-    d = describe(p, running=True, typical_seconds=None, now=110.0)
-    assert d["words"] == "training step 5 of 20" and d["elapsed_seconds"] == 10.0
-    assert d["eta_seconds"] == pytest.approx(10.0 / 5 * 15)  # the step rate so far
+    d = describe(p, running=True, typical_seconds=None, now=111.0)
+    assert d["words"] == "training step 5 of 20" and d["elapsed_seconds"] == 11.0
+    assert d["eta_seconds"] == pytest.approx(8.0 / 4 * 15 - 1.0)  # 2 s per step since the first, 15 to go
     now[0] = 120.0
     track.step(20, 20, 0.1)
     p = read_progress(tmp_path, 5)
@@ -205,6 +209,16 @@ def test_each_metric_moves_when_its_event_happens(app_client, app_settings):
     assert value(m, "peal_http_requests_total", endpoint="/metrics", method="GET", code=200) == 1  # the first scrape
     client.get("/no/such/page")
     assert value(metrics(client), "peal_http_requests_total", endpoint="unmatched", method="GET", code=404) == 1
+
+    # /predict: tasks scored (images that cannot be fetched still get an answer each)
+    config = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
+              '<Choice value="a"/><Choice value="b"/></Choices></View>')
+    r = client.post("/predict", json={"project": 4, "label_config": config, "tasks": [
+        {"id": 1, "data": {"image": "/data/upload/4/a.png"}}, {"id": 2, "data": {"image": "/data/upload/4/b.png"}}]})
+    assert r.status_code == 200 and len(r.json["results"]) == 2
+    m = metrics(client)
+    assert value(m, "peal_predict_tasks_total") == 2
+    assert value(m, "peal_http_request_duration_seconds_count", endpoint="/predict") == 1
 
     # trainings: a finished job and a failed one, counted per project
     client.post("/webhook", json={"action": "START_TRAINING", "project": 4})
@@ -354,7 +368,7 @@ def test_job_panel_and_metrics_follow_a_running_job(app_settings, tmp_path):
         wait_for(lambda: (read_progress(app_settings.model_dir, 5) or {}).get("step") == 3, "the job's progress")
         html = client.get("/ui/5/job").get_data(as_text=True)
         assert 'id="job-state" class="state-running">running<' in html
-        assert 'data-phase="training">training step 3 of 10<' in html and 'id="job-eta">about' in html
+        assert 'data-phase="training">training step 3 of 10<' in html and 'id="job-eta">–<' in html  # no rate after one step, no past run
         m = metrics(client)
         assert value(m, "peal_training_running", project=5) == 1 and value(m, "peal_training_phase_step", project=5) == 3
         gate.touch()
