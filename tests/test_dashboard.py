@@ -387,3 +387,63 @@ def test_the_bookkeeping_never_fails_a_training(tmp_path):
     assert learning.record_job_seconds(blocked, 1, "x-v1", 1.0) is None
     learning.note_annotation_event(blocked, 1)
     assert learning.read_history(blocked, 1)["cycles"] == []
+
+
+def test_a_job_in_an_rq_worker_process_shows_on_the_servers_page_and_metrics(tmp_path):
+    """Trainings run in `peal-backend worker` processes with REDIS_URL: the server still shows their
+    phase and counts them (read from Redis and the shared MODEL_DIR, not from its own memory)."""
+    import subprocess
+    import sys
+    import uuid
+
+    import redis
+
+    from tests.conftest import TEST_REDIS_URL
+
+    try:
+        r = redis.Redis.from_url(TEST_REDIS_URL)
+        r.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {TEST_REDIS_URL}: {exc}")
+    name = f"test-dash-{uuid.uuid4().hex[:10]}"
+    s = Settings(redis_url=TEST_REDIS_URL, queue_name=name, model_dir=str(tmp_path / "models"),
+                 label_studio_url="http://127.0.0.1:9")
+    queue = make_queue(s, job="tests.jobfuncs.progress")
+    code = ("from peal_backend.config import Settings; from peal_backend.jobs import run_worker; "
+            f"run_worker(Settings(redis_url={TEST_REDIS_URL!r}, queue_name={name!r}, log_level='WARNING'))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    worker = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=open(tmp_path / "worker.log", "wb"),
+                              stderr=subprocess.STDOUT)
+    try:
+        client = create_app(s, queue=queue).test_client()
+        gate = tmp_path / "gate"
+        queue.request_training(6, f"gate={gate}")
+        wait_for(lambda: (read_progress(s.model_dir, 6) or {}).get("step") == 3, "the worker's progress", timeout=60)
+        assert read_progress(s.model_dir, 6)["pid"] == worker.pid  # written by the worker, not by us
+        html = client.get("/ui/6/job").get_data(as_text=True)
+        assert 'class="state-running">running<' in html and "training step 3 of 10" in html
+        m = metrics(client)
+        assert value(m, "peal_training_running", project=6) == 1 and value(m, "peal_training_phase_step", project=6) == 3
+        assert value(m, "peal_trainings_total", project=6) == 0
+        gate.touch()
+        wait_for(lambda: client.get("/jobs/6").json["runs"] == 1, "the worker's job to end", timeout=60)
+        m = metrics(client)
+        assert value(m, "peal_trainings_total", project=6) == 1 and value(m, "peal_training_running", project=6) == 0
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        queue.close()
+        for key in r.scan_iter("rq:worker:*"):
+            if r.type(key) == b"hash" and name.encode() in (r.hget(key, "queues") or b"").split(b","):
+                r.srem("rq:workers", key)
+                r.delete(key, key + b":executions")
+        r.srem("rq:queues", f"rq:queue:{name}")
+        keys = list(r.scan_iter(f"peal:{name}:*")) + list(r.scan_iter(f"rq:*{name}*"))
+        if keys:
+            r.delete(*keys)
+        r.close()
