@@ -216,7 +216,9 @@ def queue_panel(o: dict) -> str:
                      f'<div class="why">{" · ".join(why)}</div></div>')
     stale = (f'{age["unseen_annotations"]} annotation event(s) since this ranking was made; the newest '
              f'{seconds(age["age_seconds"])} ago' if age["unseen_annotations"] else "the ranking has seen every annotation")
-    body = "".join(cards) or '<p class="note">No queue yet: the first training orders the unlabeled tasks.</p>'
+    body = "".join(cards) or ('<p class="note">No queue recorded yet: the next training orders the unlabeled tasks '
+                              'and records it here.</p>' if o["latest_version"] is None or o["n_pool"] != 0 else
+                              '<p class="note">Every task is labeled: nothing left to serve.</p>')
     return (f'<section id="queue"><h2>Next in Label Studio\'s queue</h2>'
             f'<p class="note">What uncertainty sampling serves next (lowest score first{", least-labeled cluster first" if any(q.get("cluster") is not None for q in o["queue"]) else ""}), '
             f'from version {escape(o["latest_version"] or "–")}; <span id="queue-age">{stale}</span>.</p>'
