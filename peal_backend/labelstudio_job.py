@@ -130,7 +130,10 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
                        cache_dir=settings.activation_cache_dir if settings.activation_cache else None,
                        progress=track.step)
-    score_seconds = time.perf_counter() - cycle_started - float(result.metrics.get("train_seconds") or 0.0)
+    # the cycle's scoring time (backbone features and scoring): measured by run_cycle where it reports
+    # it, else the cycle's time outside fitting
+    score_seconds = float(result.metrics.get("score_seconds") or
+                          time.perf_counter() - cycle_started - float(result.metrics.get("train_seconds") or 0.0))
     track.phase("saving", "saving the new version")
 
     clusters = result.pool_clusters
