@@ -69,10 +69,13 @@ def load_backbone(name: str) -> nn.Module:
     adapters injected into one model never leak into another.
     """
     import torch
-    from transformers import Dinov2Model
 
     source = resolve_backbone(name)
     with _cache_lock:
+        # under the lock: transformers resolves its names lazily, and two threads importing it at once
+        # (a /setup check and a /predict) made one fail with "cannot import name 'Dinov2Model'"
+        from transformers import Dinov2Model
+
         if source not in _cache:
             before = backbone_fingerprint(name)
             try:
