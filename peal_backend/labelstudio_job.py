@@ -17,6 +17,8 @@ from .backbone import input_size, load_backbone
 from .config import Settings
 from .cycle import ImageSet, run_cycle
 from .jobs import check_lease
+from . import learning
+from .progress import JobProgress
 from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
 from .model import (CLUSTERS_FILE, QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
@@ -86,12 +88,16 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     predictions carry an empty result); after that it trains a classifier."""
     started = time.perf_counter()
     project = int(project_id)
+    track = JobProgress(settings.model_dir, project)  # the dashboard's job panel
+    track.phase("fetching", "reading tasks from Label Studio")
     ls = LabelStudio.from_settings(settings)
     fetcher = ImageFetcher(settings, ls.auth_headers)
     store = ModelStore(settings.model_dir)
     spec = parse_label_config(ls.project(project)["label_config"])
 
+    data_as_of = time.time()  # annotations after this are ones this cycle's ranking has not seen
     labeled_tasks, unlabeled_tasks = ls.split_tasks(project)
+    track.phase("fetching", f"fetching {len(labeled_tasks)} labeled and {len(unlabeled_tasks)} unlabeled images")
     examples, skipped = labeled_examples(labeled_tasks, project, spec)
     # every read from Label Studio before the long part. The versions it holds: never reuse one of their
     # names (a backend that lost MODEL_DIR would otherwise name its first version v1 again, and tasks
@@ -124,6 +130,10 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
 
     init = None
     latest = store.latest(project)
+    # the previous version, scored on the labels submitted since it was trained (prequential accuracy)
+    evaluated = learning.previous_evaluation(store, latest, label_of)
+    track.phase("training", f"training on {len(tasks)} labels (with {len(pool_tasks)} unlabeled tasks to score)")
+    cycle_started = time.perf_counter()
     if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
             and tuple(latest.meta.get("labels", ())) == spec.labels and latest.meta.get("trained", True)):
         init = latest.weights()
@@ -131,7 +141,13 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     pool = ImageSet(pool_hashes, lambda positions: preprocess(
         [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
     result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
-                       cache_dir=settings.activation_cache_dir if settings.activation_cache else None)
+                       cache_dir=settings.activation_cache_dir if settings.activation_cache else None,
+                       progress=track.step)
+    # the cycle's scoring time (backbone features and scoring): measured by run_cycle where it reports
+    # it, else the cycle's time outside fitting
+    score_seconds = float(result.metrics.get("score_seconds") or
+                          time.perf_counter() - cycle_started - float(result.metrics.get("train_seconds") or 0.0))
+    track.phase("saving", "saving the new version")
 
     clusters = result.pool_clusters
     queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
@@ -145,20 +161,27 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                         "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
                         "pool_sharding": sharding},
             "parameters": counts}
+    dash_files, cycle_entry = _dashboard_files(settings, spec, result, tasks, pool_tasks, latest, store)
     check_lease()  # fenced: a job that lost its lease (another training may run) writes nothing
     saving = time.perf_counter()
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
     version = store.save(project, prefix, state, meta,
-                         files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)}},
+                         files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)},
+                                **dash_files},
                          keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))
     log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
              "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)
+
+    learning.record_cycle(settings.model_dir, project, {
+        **cycle_entry, "version": version.name, "created_at": version.meta["created_at"], "data_as_of": data_as_of,
+        "score_seconds": round(score_seconds, 3), "reason": reason}, evaluated)
 
     pushed = 0
     timings = {"fetch": round(fetch_seconds, 3), "train": result.metrics.get("train_seconds", 0.0),
                "score": result.metrics.get("score_seconds", 0.0), "save": round(time.perf_counter() - saving, 3)}
     if settings.push_predictions:
         pushing = time.perf_counter()
+        track.phase("pushing", f"pushing {len(pool_tasks)} predictions to Label Studio")
         check_lease()
         predictions = []
         for i, t in enumerate(pool_tasks):
@@ -183,9 +206,39 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                 ls.delete_model_version(project, old)
         timings["switch"] = round(time.perf_counter() - switching, 3)  # model_version moved, old versions deleted
     first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
+    learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started)
+    track.phase("done")
     return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
             "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
             "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
             "skipped_annotations": skipped,
             "trainable_parameters": counts["trainable"], "timings": timings,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _dashboard_files(settings: Settings, spec: LabelSpec, result, tasks: list[dict], pool_tasks: list[dict],
+                     latest, store: ModelStore) -> tuple[dict, dict]:
+    """What a version keeps for the dashboard (its pool predictions, for the learning curve and the
+    stopping signal; the next tasks served) and its entry in the project's history."""
+    files, entry = {}, {"n_labeled": len(tasks), "n_pool": len(pool_tasks), "trained": result.trained,
+                        "strategy": result.strategy, "train_seconds": result.metrics.get("train_seconds"),
+                        "steps": result.metrics.get("steps")}
+    urls = []
+    for t in pool_tasks:
+        try:
+            urls.append(task_image_url(t, spec))
+        except PayloadError:
+            urls.append(None)
+    labeled_clusters = result.clusters[:len(result.clusters) - len(pool_tasks)] if result.clusters.size else result.clusters
+    files[learning.SERVED_FILE] = learning.served_tasks(pool_tasks, urls, result.queue_scores, result.pool.probs,
+                                                        result.pool_clusters, labeled_clusters, spec.labels,
+                                                        result.strategy, result.trained)
+    if result.trained:
+        classes = learning.predicted_classes(result.pool.probs, spec.multiple, settings.threshold)
+        predictions = {str(t["id"]): c for t, c in zip(pool_tasks, classes)}
+        files[learning.PREDICTIONS_FILE] = {"trained_on": [t["id"] for t in tasks], "predictions": predictions}
+        previous = store.read_json(latest, learning.PREDICTIONS_FILE) if latest is not None else None
+        entry["has_previous_predictions"] = bool(previous and previous.get("predictions"))
+        if entry["has_previous_predictions"]:
+            entry["agreement"] = learning.agreement(previous["predictions"], predictions)
+    return files, entry

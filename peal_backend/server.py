@@ -1,5 +1,6 @@
 """The HTTP contract Label Studio speaks to an ML backend: /health, /setup, /predict, /webhook,
-/metrics, /versions (+ /jobs for training status). Errors are JSON with a message naming the problem.
+/versions (+ /jobs for training status); for operators /metrics (Prometheus text format), /status
+(JSON for people) and the dashboard at /ui. Errors are JSON with a message naming the problem.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FuturesTimeout
 
 import requests
-from flask import Flask, jsonify, request
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
@@ -22,6 +24,8 @@ from .backbone import BackboneLoadError, load_backbone
 from .config import Settings, hide_url_secrets, unknown_variables
 from .images import ImageFetcher
 from .jobs import QueueError
+from . import dashboard, learning
+from .monitoring import make_registry
 from .training import configure_torch
 from .labelstudio import LabelStudioError
 from .model import LabelConfigError, PayloadError, PealModel, project_id
@@ -56,7 +60,7 @@ def _check_basic_auth(settings: Settings) -> bool:
 
 
 class _Stats:
-    """Request counters and recent /predict latencies for /metrics."""
+    """Request counters and recent /predict latencies for /status."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -126,7 +130,15 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
                 state["queue"] = make_queue(settings)
             return state["queue"]
 
-    app.extensions["peal"] = {"settings": settings, "get_queue": get_queue, "get_model": get_model, "stats": stats}
+    def get_store():
+        return get_model().store
+
+    def get_fetcher():
+        return get_model().fetcher
+
+    registry, request_metrics, caches = make_registry(settings, get_queue, get_store)
+    app.extensions["peal"] = {"settings": settings, "get_queue": get_queue, "get_model": get_model, "stats": stats,
+                              "registry": registry}
 
     def body() -> dict:
         # Parsed here rather than with get_json(silent=True): that lets RecursionError (deeply nested
@@ -143,6 +155,18 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         if not isinstance(data, dict):
             raise PayloadError(f"request body must be a JSON object, got {type(data).__name__}")
         return data
+
+    @app.before_request
+    def start_timer():  # registered before auth(): refused requests are counted too
+        g.peal_started = time.perf_counter()
+
+    @app.after_request
+    def count_request(response):
+        started = g.get("peal_started")
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            request_metrics.observe(rule, request.method, response.status_code, time.perf_counter() - started)
+        return response
 
     @app.before_request
     def auth():
@@ -298,6 +322,7 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         results = get_model().predict(tasks, pid, config)
         stats.count("predict_requests")
         stats.count("predict_tasks", len(tasks))
+        request_metrics.predict_tasks.inc(len(tasks))
         stats.predict_ms.append(round((time.perf_counter() - started) * 1000, 3))
         version = next((r["model_version"] for r in results if r.get("model_version")), None)
         return jsonify(results=results, model_version=version)
@@ -312,6 +337,9 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
             return jsonify(status="Unknown event", action=action), 200
         pid = project_id(data.get("project"))
         queue = get_queue()
+        request_metrics.webhooks.labels(action).inc()
+        if action in TRAINING_EVENTS:  # for the queue's age: annotations the current ranking has not seen
+            learning.note_annotation_event(settings.model_dir, pid)
         if action in IMMEDIATE_EVENTS:
             outcome = queue.request_training(pid, action)
         else:
@@ -336,11 +364,17 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         flat = [v for vs in by_project.values() for v in vs]
         return jsonify(versions=flat, projects=by_project)
 
-    @app.get("/metrics")
-    def metrics():
+    @app.get("/status")
+    def status():
         store = get_model().store
         latest = {str(p): (v.name if (v := store.latest(p)) else None) for p in store.projects()}
         return jsonify(**stats.snapshot(), latest_versions=latest, jobs=get_queue().status(),
-                       settings=settings.redacted())
+                       caches=caches.get(), settings=settings.redacted())
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    dashboard.register(app, settings, get_queue, get_store, get_fetcher, caches)
 
     return app

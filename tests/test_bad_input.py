@@ -386,7 +386,9 @@ def test_secrets_never_in_responses_or_logs(auth_client, served, caplog):
                                headers=good).get_data(as_text=True),
               auth_client.post("/setup", json={"project": PROJECT, "schema": CONFIG},
                                headers=_basic(f"annotator:{SECRET_PASS}".encode())).get_data(as_text=True),
-              auth_client.get("/metrics", headers=good).get_data(as_text=True)]
+              auth_client.get("/status", headers=good).get_data(as_text=True),
+              auth_client.get("/metrics", headers=good).get_data(as_text=True),
+              auth_client.get("/ui", headers=good).get_data(as_text=True)]
     # the label-studio auth header really was sent for the relative URL, so the key was in play
     assert any(r.headers.get("authorization") == f"Token {SECRET_KEY}" for r in served.requests)
     text = "\n".join(bodies) + "\n" + caplog.text

@@ -93,7 +93,8 @@ class Backend:
         return r.json()
 
     def metrics(self) -> dict:
-        return self.get("/metrics").json()
+        """The JSON status for people (/metrics is the Prometheus exposition)."""
+        return self.get("/status").json()
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -234,6 +234,7 @@ def test_redis_down_at_enqueue_is_a_clear_503_and_training_resumes_after_restart
             assert "ConnectionError" in r.json["error"] and REDIS_PASSWORD not in r.json["error"]
         assert client.get("/jobs/3").status_code == 503
         assert client.get("/metrics").status_code == 503
+        assert client.get("/status").status_code == 503
         serving = ModelStore(settings.model_dir).latest(7).name
         assert predict_versions(predict_client) == [serving] * 3  # predictions do not need Redis
 

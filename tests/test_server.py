@@ -180,22 +180,22 @@ def test_webhook_events(client, settings):
         time.sleep(0.1)
     status = client.get("/jobs/7").json
     assert status["runs"] >= 1
-    assert client.get("/metrics").json["counts"]["webhook_ANNOTATION_CREATED"] == 1
+    assert client.get("/status").json["counts"]["webhook_ANNOTATION_CREATED"] == 1
 
 
-def test_versions_and_metrics(client, settings):
+def test_versions_and_status(client, settings):
     name = train_version(settings)
     assert client.get("/versions").json["versions"] == [name]
-    m = client.get("/metrics").json
+    m = client.get("/status").json
     assert m["latest_versions"] == {"7": name} and "label_studio_api_key" in m["settings"]
 
 
-def test_metrics_hide_passwords_in_urls(settings):
+def test_status_hides_passwords_in_urls(settings):
     exposed = settings.replace(redis_url="redis://:p@ssREDISPW@127.0.0.1:6379/0?password=QUERYPW",
                                label_studio_url="http://admin:LSPW@127.0.0.1:1/ls")
     queue = make_queue(settings, job="tests.jobfuncs.scripted")  # the embedded queue: nothing to connect to
     try:
-        r = create_app(exposed, queue=queue).test_client().get("/metrics")
+        r = create_app(exposed, queue=queue).test_client().get("/status")
     finally:
         queue.close()
     assert r.status_code == 200
