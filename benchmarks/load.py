@@ -171,7 +171,7 @@ def run(args) -> str:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
-        server_metrics = requests.get(backend.url + "/metrics", timeout=10).json()
+        server_metrics = requests.get(backend.url + "/status", timeout=10).json()
     finally:
         backend.stop()
         images_server.close()
