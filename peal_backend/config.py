@@ -64,8 +64,10 @@ class Settings:
     batch_size: int = _env("PEAL_BATCH_SIZE", 32, "Training batch size.", int)
     inference_batch_size: int = _env("PEAL_INFERENCE_BATCH_SIZE", 128, "Batch size for scoring the pool and /predict "
                                      "(on the 2-core CPU, bf16 DINOv2-small ran 12 images/s at 32, 22 at 128).", int)
-    torch_threads: int = _env("PEAL_TORCH_THREADS", 0, "Torch CPU threads (0 = torch's default, one per core). "
-                              "On a CPU shared with other busy processes 1 can be several times faster (BENCHMARKS.md).", int)
+    torch_threads: int = _env("PEAL_TORCH_THREADS", 1, "Torch CPU threads of the server and of each worker (0 = torch's "
+                              "default, one per core). 1 measured fastest on a CPU shared with Label Studio and other work: "
+                              "a training cycle ran 3x faster than with 2 threads on the 2-core machine (BENCHMARKS.md); "
+                              "raise it on a machine of its own.", int)
     device: str = _env("PEAL_DEVICE", "cpu", "Torch device: cpu, cuda, cuda:0, ...")
     precision: str = _env("PEAL_PRECISION", "fp32", "Inference precision: fp32, bf16 (autocast) or auto (bf16 where the CPU supports it).",
                           str, ("fp32", "bf16", "auto"))

@@ -282,6 +282,19 @@ def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_ser
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("setting, expected", [(None, 1), ("0", None), ("2", 2)])
+def test_the_server_runs_torch_on_one_thread_by_default(settings, setting, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("PEAL_TORCH_THREADS", "OMP_NUM_THREADS")}
+    env.update({"MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone})
+    if setting is not None:
+        env["PEAL_TORCH_THREADS"] = setting
+    out = subprocess.run([sys.executable, "-c", "import torch; default = torch.get_num_threads(); "
+                          "from peal_backend.server import create_app; create_app(); print(default, torch.get_num_threads())"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    default, threads = map(int, out.stdout.split()[-2:])
+    assert threads == (default if expected is None else expected)
+
+
 def test_serve_logs_one_line_per_request(settings, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     env = {**os.environ, "MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone,
