@@ -3,6 +3,7 @@ images served over loopback HTTP and a model version trained on real PneumoniaMN
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -244,13 +245,15 @@ def test_worker_rebuilds_a_basic_auth_servers_settings_without_its_credentials(s
 
 
 # --- a real gunicorn process --------------------------------------------------------------------------
-@pytest.fixture
-def gunicorn_backend(settings):
+@contextlib.contextmanager
+def serving(settings, stdout=None):
+    """`peal-backend serve` on loopback (a real gunicorn), until /health answers; its URL."""
     port = free_port()
     env = {**os.environ, "MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone,
            "PEAL_ADAPTER": "linear", "LABEL_STUDIO_URL": settings.label_studio_url, "LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "peal_backend.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, start_new_session=True)
+                             "--port", str(port)], env=env, stdout=stdout,
+                            stderr=subprocess.STDOUT if stdout else None, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -265,6 +268,12 @@ def gunicorn_backend(settings):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def gunicorn_backend(settings):
+    with serving(settings) as url:
+        yield url
 
 
 def test_real_gunicorn_serves_the_contract(gunicorn_backend, settings, image_server):
@@ -296,25 +305,10 @@ def test_the_server_runs_torch_on_one_thread_by_default(settings, setting, expec
 
 
 def test_serve_logs_one_line_per_request(settings, tmp_path):
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {**os.environ, "MODEL_DIR": settings.model_dir, "PEAL_BACKBONE": settings.backbone,
-           "LABEL_STUDIO_URL": settings.label_studio_url, "LOG_LEVEL": "WARNING"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "peal_backend.cli", "serve", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if requests.get(url + "/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out, serving(settings, stdout=out) as url:
         assert requests.get(url + "/no-such-page?secret=XYZ", timeout=10).status_code == 404
         assert requests.post(url + "/webhook", json={"action": "PROJECT_UPDATED", "project": 1}, timeout=10).ok
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
     lines = log.read_text().splitlines()
     assert any('"GET /health" 200' in line for line in lines)
     assert sum('"GET /no-such-page" 404' in line for line in lines) == 1
