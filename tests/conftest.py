@@ -52,6 +52,18 @@ def wait_for(predicate, what, timeout=30.0):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def forget_queue(client, name):
+    """Delete every key this test's queue left in the shared Redis (RQ keeps dead workers a while)."""
+    for key in client.scan_iter("rq:worker:*"):
+        if client.type(key) == b"hash" and name.encode() in (client.hget(key, "queues") or b"").split(b","):
+            client.srem("rq:workers", key)
+            client.delete(key, key + b":executions")
+    client.srem("rq:queues", f"rq:queue:{name}")
+    keys = list(client.scan_iter(f"peal:{name}:*")) + list(client.scan_iter(f"rq:*{name}*"))
+    if keys:
+        client.delete(*keys)
+
+
 # --- image_server --------------------------------------------------------------------------------
 
 @dataclass

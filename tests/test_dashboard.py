@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from peal_backend.progress import JobProgress, describe, plain_error, read_progr
 from peal_backend.server import create_app
 from peal_backend.store import ModelStore
 from tests.backbone_fixture import tiny_backbone  # noqa: F401
-from tests.conftest import wait_for
+from tests.conftest import forget_queue, wait_for
 
 # --- pure maths --------------------------------------------------------------------------------------------
 
@@ -438,12 +437,5 @@ def test_a_job_in_an_rq_worker_process_shows_on_the_servers_page_and_metrics(tmp
             worker.kill()
             worker.wait()
         queue.close()
-        for key in r.scan_iter("rq:worker:*"):
-            if r.type(key) == b"hash" and name.encode() in (r.hget(key, "queues") or b"").split(b","):
-                r.srem("rq:workers", key)
-                r.delete(key, key + b":executions")
-        r.srem("rq:queues", f"rq:queue:{name}")
-        keys = list(r.scan_iter(f"peal:{name}:*")) + list(r.scan_iter(f"rq:*{name}*"))
-        if keys:
-            r.delete(*keys)
+        forget_queue(r, name)
         r.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from peal_backend.dashboard import size
 from peal_backend.labelstudio import LabelStudio
+from tests.conftest import wait_for
 from tests.labelstudio_fixture import label_studio  # noqa: F401  (fixture)
 from tests.test_e2e_labelstudio import (LABELS, annotate, backbone, connect_backend, make_project,  # noqa: F401
                                         start_backend, stop_backend, wait_for_runs, xrays)
@@ -55,16 +55,6 @@ def browser(auth: tuple[str, str]):
     token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
     return driver
-
-
-def wait_until(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def pct(v: float) -> str:
@@ -144,9 +134,9 @@ def test_dashboard_in_a_real_browser(label_studio, xrays, backbone, tmp_path):
         assert [float(c.get_attribute("data-score")) for c in cards] == pytest.approx([q["score"] for q in o["queue"]], abs=1e-6)
         assert len(cards) == min(12, o["n_pool"]) and not set(o["queue"][i]["task"] for i in range(len(cards))) & \
             {t for b in batches for t in b}
-        wait_until(lambda: driver.execute_script(
+        wait_for(lambda: driver.execute_script(
             "return Array.from(document.querySelectorAll('.queue img')).every(i => i.complete && i.naturalWidth > 0)"),
-            "every thumbnail to load")
+            "every thumbnail to load", timeout=60.0)
 
         assert driver.find_element(By.ID, "job-state").text == "idle"
         assert driver.find_element(By.ID, "job-runs").text == str(runs)

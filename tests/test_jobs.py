@@ -12,7 +12,7 @@ import pytest
 import jobfuncs
 from peal_backend import jobs
 from peal_backend.config import Settings, SettingsError
-from tests.conftest import wait_for
+from tests.conftest import forget_queue, wait_for
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -223,18 +223,6 @@ def redis_setup(tmp_path):
         queue.close()
     forget_queue(client, name)
     client.close()
-
-
-def forget_queue(client, name):
-    """Delete every key this test's queue left in the shared Redis (RQ keeps dead workers a while)."""
-    for key in client.scan_iter("rq:worker:*"):
-        if client.type(key) == b"hash" and name.encode() in (client.hget(key, "queues") or b"").split(b","):
-            client.srem("rq:workers", key)
-            client.delete(key, key + b":executions")
-    client.srem("rq:queues", f"rq:queue:{name}")
-    keys = list(client.scan_iter(f"peal:{name}:*")) + list(client.scan_iter(f"rq:*{name}*"))
-    if keys:
-        client.delete(*keys)
 
 
 def test_redis_burst_coalesces_and_two_workers_never_overlap(redis_setup):
