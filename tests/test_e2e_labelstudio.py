@@ -220,10 +220,16 @@ def figures(name: str, seconds: list[float]) -> str:
             f"max={ms[-1]:.0f} ms mean={statistics.fmean(ms):.0f} ms")
 
 
+def unlabeled_with_predictions(client: LabelStudio, pid: int) -> dict[int, dict]:
+    """The unlabeled tasks with their predictions inline (the client's split leaves predictions out)."""
+    ids = {t["id"] for t in client.unlabeled_tasks(pid)}
+    return {t["id"]: t for t in client.tasks(pid) if t["id"] in ids}
+
+
 def check_queue_follows_the_strategy(server, client: LabelStudio, pid: int, version: str, label_next: int):
     """Every unlabeled task has a prediction at `version`; /next and the Data Manager order by score
     both serve the strategy's first pick (the lowest score)."""
-    unlabeled = {t["id"]: t for t in client.unlabeled_tasks(pid)}
+    unlabeled = unlabeled_with_predictions(client, pid)
     scores = {}
     for tid, task in unlabeled.items():
         at_version = [p for p in task["predictions"] if p["model_version"] == version]
@@ -350,7 +356,7 @@ def test_basic_auth_between_label_studio_and_the_backend(label_studio, xrays, ba
 def predictions_at(client: LabelStudio, pid: int, version: str) -> dict[int, dict]:
     """task id -> its prediction at `version`, for every unlabeled task (each must have exactly one)."""
     out = {}
-    for task in client.unlabeled_tasks(pid):
+    for task in unlabeled_with_predictions(client, pid).values():
         at_version = [p for p in task["predictions"] if p["model_version"] == version]
         assert len(at_version) == 1, f"task {task['id']}: {len(at_version)} predictions at {version}"
         out[task["id"]] = at_version[0]
