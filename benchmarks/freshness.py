@@ -10,8 +10,9 @@ carries a prediction of the cold-start ordering (reported apart). Then, `--label
 task Label Studio serves next (`/api/projects/<id>/next`) with its true class, and time until the
 project's `model_version` is a version whose training saw that label (its meta.json in MODEL_DIR) *and*
 every unlabeled task holds a prediction at that version. The job's own phase timings (fetch, train,
-score, save, push, switch: the model_version moved and pruned versions' predictions deleted, which
-Label Studio does one prediction at a time) come from the backend's /jobs status of that training.
+score, save, push, switch: the project's model_version moved) come from the backend's /jobs status of
+that training. Deleting pruned versions' predictions (Label Studio does it one prediction at a time)
+runs in the background after the switch, beside the next training.
 
 `--backbone dinov2-small` builds a DINOv2-small-shaped model (random weights: no pretrained weights
 can be downloaded here; the cost is the same) and serves it at 224 px.
@@ -39,11 +40,9 @@ PHASES = ("fetch", "train", "score", "save", "push", "switch")
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[k]
+    """Nearest-rank percentile (the load benchmark's)."""
+    from benchmarks.load import percentile as nearest_rank
+    return nearest_rank(sorted(values), q)
 
 
 def start_backend(ls, backbone: str, image_size: int, images_host: str, tmp: Path, extra: dict) -> tuple[subprocess.Popen, str, Path]:

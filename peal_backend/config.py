@@ -54,7 +54,9 @@ class Settings:
     lora_alpha: float = _env("PEAL_LORA_ALPHA", 16.0, "LoRA alpha (scale = alpha / r).", float)
     lora_dropout: float = _env("PEAL_LORA_DROPOUT", 0.1, "Dropout on the LoRA branch.", float)
     lora_targets: str = _env("PEAL_LORA_TARGETS", "query,value", "Comma-separated module names that get LoRA: query, key, value, dense (or q_proj, k_proj, v_proj, o_proj), fc1, fc2.")
-    lora_last_k: int = _env("PEAL_LORA_LAST_K", 0, "Put LoRA only in the last K transformer blocks (0 = all blocks).", int)
+    lora_last_k: int = _env("PEAL_LORA_LAST_K", 2, "Put LoRA only in the last K transformer blocks (0 = all blocks). The blocks "
+                            "before them are frozen, so their output comes from the activation cache: a cycle trains and "
+                            "re-scores K blocks instead of all (BENCHMARKS.md, \"Queue freshness\").", int)
     prompt_tokens: int = _env("PEAL_PROMPT_TOKENS", 8, "Number of learnable prompt tokens for the prompt adapter.", int)
     prompt_deep: bool = _env("PEAL_PROMPT_DEEP", False, "Deep visual prompts (new tokens at every block) instead of shallow (first block only).", bool)
     features: str = _env("PEAL_FEATURES", "cls+mean", "What the head sees: cls (CLS token) or cls+mean (CLS and mean patch token).",
@@ -82,7 +84,12 @@ class Settings:
     head_lr_multiplier: float = _env("PEAL_HEAD_LR_MULT", 10.0, "While LoRA or prompts are fine-tuned (after the head is fitted), the head learns this many times faster than the adapter.", float)
     calibration: bool = _env("PEAL_CALIBRATION", False, "Add C-PEAL's uncertainty-calibration loss to cross-entropy.", bool)
     calibration_weight: float = _env("PEAL_CALIBRATION_WEIGHT", 1.0, "Weight lambda of the calibration loss (annealed from 0 over the first epochs).", float)
-    warm_start: bool = _env("PEAL_WARM_START", False, "Start each cycle from the last version instead of the pretrained weights.", bool)
+    warm_start: bool = _env("PEAL_WARM_START", False, "Incremental cycles: start from the last version's adapter (when it "
+                            "has the same settings and labels) with a step budget scaled to the share of labels that are "
+                            "new (at least PEAL_WARM_MIN_STEPS), instead of training from the pretrained weights.", bool)
+    warm_min_steps: int = _env("PEAL_WARM_MIN_STEPS", 10, "Fewest optimiser steps of a warm-started cycle.", int)
+    full_retrain_every: int = _env("PEAL_FULL_RETRAIN_EVERY", 5, "With PEAL_WARM_START, every Nth cycle still trains from the "
+                                   "pretrained weights with the full step budget (0 = never), so drift cannot build up.", int)
     seed: int = _env("PEAL_SEED", 0, "Random seed for training and selection.", int)
     retrain_every: int = _env("PEAL_RETRAIN_EVERY", 1, "Retrain after this many new or changed annotations (START_TRAINING always retrains).", int)
     keep_versions: int = _env("PEAL_KEEP_VERSIONS", 5, "Model versions kept per project; older ones are pruned.", int)
@@ -143,6 +150,8 @@ class Settings:
         if self.decode_max_side <= 0 or self.decode_max_side < self.image_size:
             raise SettingsError(f"PEAL_DECODE_MAX_SIDE={self.decode_max_side}: must be positive and at least "
                                 f"PEAL_IMAGE_SIZE ({self.image_size})")
+        if self.lora_last_k < 0 or self.warm_min_steps < 1 or self.full_retrain_every < 0:
+            raise SettingsError("PEAL_LORA_LAST_K and PEAL_FULL_RETRAIN_EVERY must be >= 0, PEAL_WARM_MIN_STEPS >= 1")
         if not 0 < self.candidate_fraction <= 1:
             raise SettingsError(f"PEAL_CANDIDATE_FRACTION={self.candidate_fraction}: must be in (0, 1]")
 

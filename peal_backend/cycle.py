@@ -127,6 +127,23 @@ def served_next(scores: np.ndarray, clusters: np.ndarray | None, solved: dict[in
     return np.asarray(out, dtype=np.int64)
 
 
+def warm_plan(settings: Settings, previous_labels: dict[str, list] | None, labels: dict[str, list],
+              previous_since_full: int | None) -> tuple[bool, int | None, int]:
+    """How a cycle starts (PEAL_WARM_START): (warm, new labels, cycles since the last full training).
+
+    `previous_labels`: task -> label of what the last version trained on, None when there is no last
+    version to start from (none yet, another architecture or label set, or a cold-start version). A warm
+    cycle starts from the last adapter and trains on a budget scaled to the labels that are new or
+    changed since (`training.cycle_steps`); every `full_retrain_every`-th cycle trains from the
+    pretrained weights with the full budget, so warm starts cannot drift for ever."""
+    if not settings.warm_start or previous_labels is None or previous_since_full is None:
+        return False, None, 0
+    if settings.full_retrain_every and previous_since_full + 1 >= settings.full_retrain_every:
+        return False, None, 0
+    new = sum(1 for task, label in labels.items() if previous_labels.get(task) != label)
+    return True, new, previous_since_full + 1
+
+
 # --- scoring -------------------------------------------------------------------------------------------
 
 POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.6 MB per image)
@@ -171,12 +188,13 @@ def _rows(pred: Prediction, idx) -> Prediction:
 def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool: ImageSet, n_classes: int, *,
               multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
               progress: Callable[[int, int, float], None] | None = None,
-              cache_dir: str | None = None) -> CycleResult:
+              cache_dir: str | None = None, new_labels: int | None = None) -> CycleResult:
     """Train (or, with fewer than two classes labeled, don't), score the pool and rank it.
 
     The frozen backbone's features of every image (from the activation cache when `cache_dir` is
     given) serve the cold phase, coverage strategies and Label Studio's clusters; they do not change
-    between versions, so neither do the clusters."""
+    between versions, so neither do the clusters. `init` (a previous adapter) with `new_labels` (how
+    many labels it has not seen, `warm_plan`) makes an incremental cycle with a scaled step budget."""
     n_lab = len(labeled)
     everything = concat(labeled, pool)
     probe = build_classifier(settings.replace(adapter="linear"), n_classes)
@@ -187,7 +205,8 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     trainable = can_train(targets, multiple)
     labels = class_ids(targets) if n_lab else np.zeros(0, np.int64)
     strategy = auto_strategy(settings, labels, n_classes, trainable)
-    metrics: dict = {"phase": "trained" if trainable else "cold", "strategy": strategy}
+    metrics: dict = {"phase": "trained" if trainable else "cold", "strategy": strategy,
+                     "warm": init is not None and trainable}
 
     clf = None
     if trainable:
@@ -200,7 +219,7 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
             outputs = score_from_activations(clf, frozen, settings, multilabel=multiple)
         else:
             metrics.update(fit(clf, labeled.pixels(list(range(n_lab))), targets, settings, multilabel=multiple,
-                               progress=progress))
+                               progress=progress, new_labels=new_labels if init is not None else None))
             started = time.perf_counter()
             outputs = score_images(clf, settings, everything, cache_dir, multilabel=multiple)
             score_seconds += time.perf_counter() - started

@@ -9,19 +9,20 @@ again (Label Studio predictions are created idempotently per task and version).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
 
 from .backbone import input_size, load_backbone
 from .config import Settings
-from .cycle import ImageSet, run_cycle
+from .cycle import ImageSet, run_cycle, warm_plan
 from .jobs import check_lease
 from . import learning
 from .progress import JobProgress
 from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
-from .model import (CLUSTERS_FILE, QUEUE_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
+from .model import (CLUSTERS_FILE, QUEUE_FILE, TRAINED_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
                     task_image_url, version_prefix)
 from .sharding import prefill_sharded
 from .store import ModelStore, version_number
@@ -128,25 +129,25 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         urls = [fetcher.resolve(task_image_url(t, spec)) for t in pool_tasks]
         sharding = prefill_sharded(settings, size, list(zip(pool_hashes, urls)), settings.activation_cache_dir)
 
-    init = None
     latest = store.latest(project)
     # the previous version, scored on the labels submitted since it was trained (prequential accuracy)
     evaluated = learning.previous_evaluation(store, latest, label_of)
     track.phase("training", f"training on {len(tasks)} labels (with {len(pool_tasks)} unlabeled tasks to score)")
-    cycle_started = time.perf_counter()
-    if (settings.warm_start and latest is not None and latest.meta.get("model_settings") == model_settings(settings)
+    trained_labels = {str(t["id"]): list(label_of[t["id"]]) for t in tasks}
+    previous_labels, since_full = None, None
+    if (latest is not None and latest.meta.get("model_settings") == model_settings(settings)
             and tuple(latest.meta.get("labels", ())) == spec.labels and latest.meta.get("trained", True)):
-        init = latest.weights()
+        previous_labels = store.read_json(latest, TRAINED_FILE)
+        since_full = latest.meta.get("cycles_since_full")
+    warm, new_labels, since_full = warm_plan(settings, previous_labels, trained_labels, since_full)
+    init = latest.weights() if warm else None
     labeled = ImageSet.from_tensor(hashes, preprocess(images, size) if images else torch.zeros(0, 3, size, size))
     pool = ImageSet(pool_hashes, lambda positions: preprocess(
         [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
     result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
                        cache_dir=settings.activation_cache_dir if settings.activation_cache else None,
-                       progress=track.step)
-    # the cycle's scoring time (backbone features and scoring): measured by run_cycle where it reports
-    # it, else the cycle's time outside fitting
-    score_seconds = float(result.metrics.get("score_seconds") or
-                          time.perf_counter() - cycle_started - float(result.metrics.get("train_seconds") or 0.0))
+                       progress=track.step, new_labels=new_labels)
+    score_seconds = float(result.metrics["score_seconds"])  # the backbone's features and the pool's scores
     track.phase("saving", "saving the new version")
 
     clusters = result.pool_clusters
@@ -156,7 +157,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
             "trained": result.trained, "strategy": result.strategy, "strategy_setting": settings.strategy,
             "balance": settings.balance, "calibration": settings.calibration,
-            "warm_started_from": latest.name if init is not None else None, "reason": reason,
+            "warm_started_from": latest.name if init is not None else None, "new_labels": new_labels,
+            "cycles_since_full": since_full if result.trained else None, "reason": reason,
             "metrics": {**result.metrics, "n_labeled": len(tasks), "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
                         "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
                         "pool_sharding": sharding},
@@ -167,7 +169,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
     version = store.save(project, prefix, state, meta,
                          files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)},
-                                **dash_files},
+                                TRAINED_FILE: trained_labels if result.trained else {}, **dash_files},
                          keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))
     log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
              "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)
@@ -198,13 +200,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             ls.set_model_version(project, version.name)
         if settings.set_uncertainty_sampling:
             ls.set_sampling(project, "Uncertainty sampling")
-        # versions this backend no longer keeps: their predictions go too (Label Studio's version list
-        # and the tasks' prediction lists would otherwise grow with every training)
-        kept = set(store.versions(project)) | {version.name}
-        for old in held:
-            if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
-                ls.delete_model_version(project, old)
-        timings["switch"] = round(time.perf_counter() - switching, 3)  # model_version moved, old versions deleted
+        timings["switch"] = round(time.perf_counter() - switching, 3)  # the queue is fresh from here
+        prune_in_background(ls, store, project, held, version.name)
     first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
     learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started)
     track.phase("done")
@@ -214,6 +211,51 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             "skipped_annotations": skipped,
             "trainable_parameters": counts["trainable"], "timings": timings,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+_pruning: dict[int, threading.Thread] = {}  # project -> the thread deleting its stale versions
+_pruning_lock = threading.Lock()
+
+
+def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, current: str) -> None:
+    """Delete from Label Studio the predictions of versions this backend no longer keeps (its version
+    list and the tasks' prediction lists would otherwise grow with every training). Only versions older
+    than the current one go, so this never races a training: names only grow."""
+    started, done = time.perf_counter(), 0
+    kept = set(store.versions(project)) | {current}
+    try:
+        for old in held:
+            if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
+                ls.delete_model_version(project, old)
+                done += 1
+    except Exception as exc:  # housekeeping: the next training's pruning catches up (it lists what is held)
+        log.warning("project %s: pruning old versions' predictions failed: %s", project, exc)
+    if done:
+        log.info("project %s: deleted %d old version(s)' predictions in %.1f s", project, done, time.perf_counter() - started)
+
+
+def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, current: str) -> bool:
+    """Run `_prune_versions` in a thread, off the training's critical path: Label Studio deletes
+    predictions one by one (about 20 s per 1,000 on the 2-core machine), which used to hold the next
+    training back. One pruning per project at a time; when one is still running this is skipped, and
+    the next training's pruning catches up. A pruning cut short (the process ends) is caught up alike."""
+    with _pruning_lock:
+        running = _pruning.get(project)
+        if running is not None and running.is_alive():
+            return False
+        thread = threading.Thread(target=_prune_versions, args=(ls, store, project, dict(held), current),
+                                  name=f"peal-prune-{project}", daemon=True)
+        _pruning[project] = thread
+        thread.start()
+        return True
+
+
+def wait_for_pruning(project: int, timeout: float | None = None) -> None:
+    """Block until the project's background pruning (if any) has ended."""
+    with _pruning_lock:
+        thread = _pruning.get(project)
+    if thread is not None:
+        thread.join(timeout)
 
 
 def _dashboard_files(settings: Settings, spec: LabelSpec, result, tasks: list[dict], pool_tasks: list[dict],

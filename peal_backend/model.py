@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_FILE = "queue.json"  # task id -> queue score, written with each version by the training cycle
 CLUSTERS_FILE = "clusters.json"  # task id -> Label Studio cluster, written beside it
+TRAINED_FILE = "trained_labels.json"  # task id -> label indices the version trained on (incremental cycles)
 FETCH_THREADS = 8  # images of one /predict fetched at once
 
 

@@ -36,7 +36,7 @@ import torch
 from . import acquisition
 from .backbone import BackboneLoadError, input_size, load_backbone
 from .config import Settings, SettingsError
-from .cycle import CycleResult, ImageSet, run_cycle, score_images, served_next
+from .cycle import CycleResult, ImageSet, run_cycle, score_images, served_next, warm_plan
 from .images import decode_image, preprocess, to_pil
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -354,14 +354,15 @@ def prepare(data: Dataset, settings: Settings, cache_dir: str | Path) -> Prepare
                     str(cache_dir))
 
 
-def simulated_cycle(prep: Prepared, settings: Settings, labeled: np.ndarray, init: dict | None = None) -> CycleResult:
+def simulated_cycle(prep: Prepared, settings: Settings, labeled: np.ndarray, init: dict | None = None,
+                    new_labels: int | None = None) -> CycleResult:
     """The backend's cycle on the train split, `labeled` (train indices, in the order Label Studio lists
     their tasks) labeled, the rest the pool (in index order)."""
     labeled = np.asarray(labeled, dtype=np.int64)
     unlabeled = np.setdiff1d(np.arange(len(prep.data.train_labels)), labeled)
     targets = torch.from_numpy(prep.data.train_labels[labeled])
     return run_cycle(settings, prep.images("train", labeled), targets, prep.images("train", unlabeled),
-                     prep.data.n_classes, init=init, cache_dir=prep.cache_dir)
+                     prep.data.n_classes, init=init, cache_dir=prep.cache_dir, new_labels=new_labels)
 
 
 def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int) -> Iterator[dict]:
@@ -377,8 +378,8 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
     n_train = len(data.train_labels)
     labeled = np.zeros(0, dtype=np.int64)
     solved: dict[int, int] = {}  # cluster -> tasks the annotator labeled in it, as Label Studio counts
-    init = None
-    result = simulated_cycle(prep, s, labeled)  # the project just connected
+    last = None  # (adapter state, task -> label it trained on, cycles since its full training): what
+    result = simulated_cycle(prep, s, labeled)  # the backend keeps in a version. The project just connected
     for cycle in range(cycles):
         t0 = time.perf_counter()
         unlabeled = np.setdiff1d(np.arange(n_train), labeled)
@@ -391,7 +392,9 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
             row_pick = {"unknown_ratio": known["ratio"], "unknown_fraction": known["fraction"]}
         labeled = np.concatenate([labeled, unlabeled[served]])
         t1 = time.perf_counter()
-        result = simulated_cycle(prep, s, labeled, init)
+        trained_labels = {str(i): [int(data.train_labels[i])] for i in labeled}
+        warm, new_labels, since_full = warm_plan(s, last[1] if last else None, trained_labels, last[2] if last else None)
+        result = simulated_cycle(prep, s, labeled, last[0] if warm else None, new_labels)
         t2 = time.perf_counter()
         if result.trained:
             probs = score_images(result.classifier, s, prep.images("test"), prep.cache_dir).probs
@@ -399,8 +402,8 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
             probs = np.zeros((len(data.test_labels), data.n_classes))
             probs[:, int(data.train_labels[labeled[0]])] = 1.0
         t3 = time.perf_counter()
-        if s.warm_start and result.trained:
-            init = result.classifier.trainable_state()
+        if result.trained:  # as the job saves it (the backend keeps a version's adapter and its labels)
+            last = (result.classifier.trainable_state(), trained_labels, since_full)
         yield {"cycle": cycle, "labels": int(labeled.size), **test_metrics(probs, data.test_labels, data.n_classes),
                **row_pick, "phase_strategy": result.strategy if result.trained else f"{result.strategy} (no classifier)",
                "train_seconds": t2 - t1, "eval_seconds": t3 - t2, "select_seconds": t1 - t0}

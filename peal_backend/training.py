@@ -179,9 +179,20 @@ def frozen_features(model: Classifier, pixels: torch.Tensor, batch_size: int,
     return torch.cat(parts).clone() if parts else torch.zeros(0, model.feature_dim)
 
 
+def cycle_steps(settings: Settings, n: int, new_labels: int | None = None) -> int:
+    """Optimiser steps of one fine-tuning cycle on `n` labels: `epochs` epochs and at least `min_steps`;
+    for a warm-started cycle (`new_labels` given: labels the starting model has not trained on) that
+    budget scaled by the share of new labels, at least `warm_min_steps` (and never more than the full one)."""
+    bs = min(settings.batch_size, max(n, 1))
+    full = max(settings.epochs * math.ceil(n / bs), settings.min_steps)
+    if new_labels is None:
+        return full
+    return min(full, max(settings.warm_min_steps, math.ceil(full * min(new_labels, n) / max(n, 1))))
+
+
 def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings: Settings, *,
         multilabel: bool = False, progress: Callable[[int, int, float], None] | None = None,
-        features: torch.Tensor | None = None) -> dict:
+        features: torch.Tensor | None = None, new_labels: int | None = None) -> dict:
     """Train the classifier on the labeled set: linear probe, then fine-tune (LP-FT). Deterministic.
 
     1. The head is fitted to convergence on the current features (`fit_head`; `features` may be given
@@ -189,7 +200,8 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
        is the whole training.
     2. LoRA and prompt tuning then fine-tune adapter and head together from that fitted head: SGD with
        momentum and a cosine schedule as in the C-PEAL reference, `epochs` epochs and at least
-       `min_steps` steps, the head at `head_lr_multiplier` times the adapter's rate.
+       `min_steps` steps, the head at `head_lr_multiplier` times the adapter's rate. A warm-started model
+       (`new_labels`: how many labels it has not seen) gets a budget scaled to them (`cycle_steps`).
     `targets`: class ids (N,) for single choice, a multi-hot (N, C) float tensor for multiple choice.
     """
     started = time.perf_counter()
@@ -225,7 +237,7 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
     opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=5e-4)
     bs = min(settings.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
-    total = max(settings.epochs * steps_per_epoch, settings.min_steps)
+    total = cycle_steps(settings, n, new_labels)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
 
     model.train()

@@ -530,7 +530,7 @@ def test_versions_never_repeat_what_label_studio_holds_and_pruned_ones_leave_it(
     import shutil
 
     from peal_backend.labelstudio import LabelStudio
-    from peal_backend.labelstudio_job import train_project
+    from peal_backend.labelstudio_job import train_project, wait_for_pruning
     from peal_backend.store import ModelStore, version_number
 
     pid, t = ls_project(label_studio, served, 6)
@@ -538,12 +538,16 @@ def test_versions_never_repeat_what_label_studio_holds_and_pruned_ones_leave_it(
     label_studio.client.annotations.create(id=t[1], result=_choice("normal"))
     s = ls_settings(settings, label_studio, served, tmp_path).replace(keep_versions=2)
     client = LabelStudio(label_studio.url, label_studio.token)
-    names = [train_project(pid, s, "test")["model_version"] for _ in range(3)]
+    names = []
+    for _ in range(3):
+        names.append(train_project(pid, s, "test")["model_version"])
+        wait_for_pruning(pid)  # pruning runs beside the next training; here each one ends first
     assert [version_number(n) for n in names] == [1, 2, 3]
     assert set(client.model_versions(pid)) == set(ModelStore(s.model_dir).versions(pid)) == set(names[1:])
 
     shutil.rmtree(s.model_dir)  # the backend lost its versions; Label Studio still holds v2 and v3
     out = train_project(pid, s, "test")
+    wait_for_pruning(pid)
     assert version_number(out["model_version"]) == 4 and out["predictions_pushed"] == out["n_pool"] == 4
     held = client.model_versions(pid)
     assert held[out["model_version"]] == 4 and set(held) == {out["model_version"]}

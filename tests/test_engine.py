@@ -131,9 +131,12 @@ def test_lora_trainable_fraction_on_dinov2_small_shape(tmp_path):
     from transformers import Dinov2Config, Dinov2Model
     Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                              intermediate_size=1536, patch_size=14, image_size=224)).save_pretrained(tmp_path)
-    counts = build_classifier(Settings(backbone=str(tmp_path), lora_rank=8), 5).parameter_counts()
+    counts = build_classifier(Settings(backbone=str(tmp_path), lora_rank=8, lora_last_k=0), 5).parameter_counts()
     # LoRA r=8 on query and value of 12 blocks: 12 * 2 * 8 * (384 + 384) = 147,456; head (768 -> 5) 3,845
     assert counts["adapter"] == 147_456
+    # the default: the last 2 blocks only, 2 * 2 * 8 * (384 + 384) = 24,576, entering at block 10
+    default = build_classifier(Settings(backbone=str(tmp_path), lora_rank=8), 5)
+    assert default.parameter_counts()["adapter"] == 24_576 and default.first_adapted == 10
     assert counts["head"] == 768 * 5 + 5
     assert 21_000_000 < counts["backbone"] < 23_000_000
     assert counts["trainable"] / counts["total"] < 0.01
@@ -262,3 +265,26 @@ def test_a_removed_or_misspelt_setting_is_named_not_silently_ignored():
     env = {"PEAL_BUDGET": "5", "PEAL_STRATEGIE": "margin", "PEAL_STRATEGY": "margin", "PEAL_DATASETS": "/d", "HOME": "/"}
     assert unknown_variables(env) == ["PEAL_BUDGET", "PEAL_STRATEGIE"]
     assert not hasattr(Settings.from_env(env), "budget")  # the backend never read it: it is gone
+
+
+def test_cycle_steps_scale_with_the_new_labels():
+    from peal_backend.training import cycle_steps
+    s = Settings(epochs=10, min_steps=50, batch_size=32, warm_min_steps=10)
+    assert cycle_steps(s, 8) == 50 and cycle_steps(s, 320) == 100  # 10 epochs of 10 batches
+    assert cycle_steps(s, 320, new_labels=32) == 10 and cycle_steps(s, 320, new_labels=64) == 20
+    assert cycle_steps(s, 8, new_labels=1) == 10          # never under the warm floor
+    assert cycle_steps(s, 8, new_labels=0) == 10
+    assert cycle_steps(s, 320, new_labels=500) == 100     # never over the full budget
+
+
+def test_warm_plan_counts_new_and_changed_labels_and_retrains_fully_every_n():
+    from peal_backend.cycle import warm_plan
+    s = Settings(warm_start=True, full_retrain_every=3)
+    before = {"1": [0], "2": [1]}
+    assert warm_plan(s, before, {"1": [0], "2": [1], "3": [1]}, 0) == (True, 1, 1)
+    assert warm_plan(s, before, {"1": [1], "2": [1], "3": [0]}, 1) == (True, 2, 2)   # task 1 relabeled
+    assert warm_plan(s, before, {"1": [0], "2": [1], "3": [1]}, 2) == (False, None, 0)  # the 3rd: full
+    assert warm_plan(s, None, {"1": [0]}, 0) == (False, None, 0)          # nothing to start from
+    assert warm_plan(s, before, {"1": [0]}, None) == (False, None, 0)     # a version from before incremental cycles
+    assert warm_plan(s.replace(warm_start=False), before, before, 0) == (False, None, 0)
+    assert warm_plan(s.replace(full_retrain_every=0), before, before, 99) == (True, 0, 100)

@@ -63,3 +63,47 @@ def test_simulator_and_training_job_produce_the_same_order(label_studio, xrays, 
     assert sim_order == job_order
     assert {str(tasks[unlabeled[i]]["id"]): int(c) for i, c in enumerate(cycle.pool_clusters)} == job_clusters
     assert sim_order[0] == result["label_next"]
+
+
+def test_incremental_cycles_warm_start_alike_in_the_job_and_the_simulator(label_studio, xrays, backbone, tmp_path):
+    """PEAL_WARM_START: the job's second training starts from its first version's adapter with a step
+    budget scaled to the one new label; the simulator, given the same labels and that adapter, ranks
+    the pool the same; every PEAL_FULL_RETRAIN_EVERY-th cycle trains from the pretrained weights again."""
+    server = label_studio
+    client = LabelStudio(server.url, server.token)
+    pid, truth = make_project(server, xrays, "incremental", 16, 6)
+    tasks = sorted(client.tasks(pid), key=lambda t: t["id"])
+    by_class = {lab: [t["id"] for t in tasks if truth[t["id"]] == lab] for lab in LABELS}
+    annotate(server, by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2], truth)
+    settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
+                        backbone=backbone[0], image_size=backbone[1], strategy="margin", warm_start=True,
+                        full_retrain_every=2, min_steps=20, warm_min_steps=5)
+    store = ModelStore(settings.model_dir)
+
+    first = train_project(pid, settings, "test")
+    v1 = store.latest(pid)
+    assert (v1.meta["warm_started_from"], v1.meta["cycles_since_full"], v1.meta["metrics"]["steps"]) == (None, 0, 20)
+
+    added = by_class[LABELS[0]][2]
+    annotate(server, [added], truth)
+    second = train_project(pid, settings, "test")
+    v2 = store.latest(pid)
+    assert v2.meta["warm_started_from"] == first["model_version"] and v2.meta["new_labels"] == 1
+    assert v2.meta["cycles_since_full"] == 1 and v2.meta["metrics"]["steps"] == 5  # max(5, 20 * 1/5)
+    queue = store.read_json(v2, QUEUE_FILE)
+    job_order = [int(t) for t in sorted(queue, key=queue.get)]
+
+    images, labels = xrays
+    data = sim.Dataset("xrays", images[[image_index(t) for t in tasks]],
+                       np.array([LABELS.index(truth[t["id"]]) for t in tasks]), images[:2], labels[:2].astype(np.int64),
+                       list(LABELS))
+    prep = sim.prepare(data, settings, tmp_path / "sim-cache")
+    labeled = np.array([i for i, t in enumerate(tasks) if t["id"] in set(by_class[LABELS[0]][:3] + by_class[LABELS[1]][:2])])
+    cycle = sim.simulated_cycle(prep, settings, labeled, v1.weights(), new_labels=1)
+    unlabeled = np.setdiff1d(np.arange(len(tasks)), labeled)
+    assert [tasks[unlabeled[i]]["id"] for i in cycle.order] == job_order
+    assert second["label_next"] == job_order[0]
+
+    train_project(pid, settings, "test")  # the second cycle since the full one: full again
+    v3 = store.latest(pid)
+    assert (v3.meta["warm_started_from"], v3.meta["cycles_since_full"], v3.meta["metrics"]["steps"]) == (None, 0, 20)
