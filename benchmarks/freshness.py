@@ -80,6 +80,19 @@ def wait_until(check, what: str, timeout: float, log: Path) -> float:
     raise SystemExit(f"{what}: not within {timeout:.0f} s\n{log.read_text()[-3000:]}")
 
 
+def next_task(ls_url: str, pid: int, headers: dict, attempts: int = 5) -> dict:
+    """The task Label Studio serves next. On the loaded 2-core machine Label Studio has answered this
+    with an HTML error page (a worker timeout) once in a while: asked again, as an annotator's browser
+    would, a few times."""
+    for attempt in range(attempts):
+        r = requests.get(f"{ls_url}/api/projects/{pid}/next", headers=headers, timeout=120)
+        if r.ok and r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        print(f"/next answered {r.status_code} {r.text[:120]!r}; asking again", flush=True)
+        time.sleep(2)
+    raise SystemExit(f"/next failed {attempts} times")
+
+
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.labelstudio_traffic import png, result_for, serve
@@ -96,6 +109,7 @@ def main() -> None:
     p.add_argument("--env", action="append", default=[], help="extra backend setting NAME=VALUE (repeatable)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    args.load_at_start = os.getloadavg()[0]
     extra = dict(e.split("=", 1) for e in args.env)
     data = load_dataset("fashion-mnist", args.tasks, 10)
     names = [f"c{c}" for c in range(10)]
@@ -172,13 +186,17 @@ def main() -> None:
             print(f"first pass (cold-start ordering of {args.tasks} tasks): {first_pass:.1f} s", flush=True)
             rows = []
             for k in range(1, args.labels + 1):
-                task = requests.get(f"{ls.url}/api/projects/{pid}/next", headers=headers, timeout=60).json()
+                task = next_task(ls.url, pid, headers)
                 tid = task["id"]
                 requests.post(f"{ls.url}/api/tasks/{tid}/annotations/", headers=headers, timeout=60,
                               json={"result": result_for(truth[tid])}).raise_for_status()
                 seconds = wait_until(lambda: fresh(k), f"label {k}", args.timeout, log)
                 got = finished_result(client.project(pid).get("model_version"))
+                meta_path = tmp / "models" / str(pid) / str(got.get("model_version")) / "meta.json"
+                meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
                 rows.append({"label": k, "seconds": seconds, "status": got.get("status"), "strategy": got.get("strategy"),
+                             "load": os.getloadavg()[0], "steps": (meta.get("metrics") or {}).get("steps"),
+                             "warm": bool(meta.get("warm_started_from")),
                              "version": got.get("model_version"), **{ph: (got.get("timings") or {}).get(ph) for ph in PHASES}})
                 print(f"label {k}: fresh after {seconds:.1f} s ({got.get('model_version')}, {got.get('status')}, "
                       f"{got.get('timings')})", flush=True)
@@ -196,6 +214,7 @@ def main() -> None:
     print(f"freshness_p50_s: {percentile([r['seconds'] for r in rows], 50):.1f}")
 
 
+
 def report(rows: list[dict], first_pass: float, args) -> str:
     secs = [r["seconds"] for r in rows]
     cmd = f"python -m benchmarks.freshness --tasks {args.tasks} --backbone {args.backbone} --labels {args.labels}" + \
@@ -204,11 +223,13 @@ def report(rows: list[dict], first_pass: float, args) -> str:
              f"`{cmd}`", "",
              f"First pass (connect to every task ordered, no label): {first_pass:.1f} s. "
              f"Per label: p50 {percentile(secs, 50):.1f} s, p95 {percentile(secs, 95):.1f} s, "
-             f"mean {statistics.mean(secs):.1f} s over {len(secs)} labels.", "",
-             "| label | fresh after s | version | kind | strategy | " + " | ".join(f"{p} s" for p in PHASES) + " |",
-             "|---|---|---|---|---|" + "---|" * len(PHASES)]
+             f"mean {statistics.mean(secs):.1f} s over {len(secs)} labels. Load average (1 min) at the start: "
+             f"{args.load_at_start:.1f} (2 cores).", "",
+             "| label | fresh after s | version | kind | strategy | steps | warm | load | " + " | ".join(f"{p} s" for p in PHASES) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(PHASES)]
     for r in rows:
         lines.append(f"| {r['label']} | {r['seconds']:.1f} | {r['version']} | {r['status']} | {r['strategy']} | "
+                     f"{'' if r['steps'] is None else r['steps']} | {'yes' if r['warm'] else ''} | {r['load']:.1f} | "
                      + " | ".join("" if r[p] is None else f"{r[p]:.1f}" for p in PHASES) + " |")
     return "\n".join(lines) + "\n"
 
