@@ -15,6 +15,9 @@ setup(
         "transformers>=4.45",
         "peft>=0.12",
         "safetensors",
+        # the frozen first pass (PEAL_RUNTIME=auto/onnxruntime): the exporter needs onnx
+        "onnxruntime==1.32.0",
+        "onnx==1.23.2",
         "faiss-cpu>=1.8",
         "numpy>=1.24",
         "scikit-learn>=1.3",

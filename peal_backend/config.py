@@ -73,6 +73,11 @@ class Settings:
     device: str = _env("PEAL_DEVICE", "cpu", "Torch device: cpu, cuda, cuda:0, ...")
     precision: str = _env("PEAL_PRECISION", "fp32", "Inference precision: fp32, bf16 (autocast) or auto (bf16 where the CPU supports it).",
                           str, ("fp32", "bf16", "auto"))
+    runtime: str = _env("PEAL_RUNTIME", "auto", "What runs the frozen first pass (the backbone's frozen blocks over every image, "
+                        "filling the activation cache): torch (in PEAL_PRECISION) or onnxruntime (the frozen blocks exported to "
+                        "ONNX once per process, float32). auto: onnxruntime on a CPU unless bf16 is enabled (PEAL_PRECISION), torch "
+                        "otherwise. On a GPU, or where ONNX Runtime is missing, torch runs (with a log line). Adapted blocks always run in torch.",
+                        str, ("auto", "torch", "onnxruntime"))
     threshold: float = _env("PEAL_THRESHOLD", 0.5, "Multiple-choice configs: choices with probability above this are predicted.", float)
 
     # --- Training --------------------------------------------------------------------------------

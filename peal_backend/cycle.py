@@ -26,7 +26,7 @@ import torch
 from . import acquisition
 from .backbone import Classifier, build_classifier
 from .config import Settings
-from .scoring import ActivationCache, cache_key, cacheable, score_cached, score_from_activations
+from .scoring import ActivationCache, cache_key, cacheable, frozen_activations, score_cached, score_from_activations
 from .training import Prediction, fit, predict
 
 
@@ -152,11 +152,16 @@ POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.
 def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_dir: str | None, *,
                  multilabel: bool = False) -> Prediction:
     """The one inference path of a cycle: finished from the activation cache where the model has a frozen
-    prefix (and a cache folder is given), else a chunked forward."""
+    prefix (and a cache folder is given), else a chunked forward; a linear probe's chunks still go through
+    `frozen_activations`, so the frozen first pass runs where PEAL_RUNTIME says, cache or not."""
     if cache_dir and settings.activation_cache and cacheable(clf):
         cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, images.size))
         return score_cached(clf, settings, images.hashes, images.pixels, cache, multilabel=multilabel)
     n = len(images)
+    if cacheable(clf) and clf.first_adapted == clf.n_layers and n:  # the whole backbone frozen: features, then the head
+        return Prediction.concat([
+            score_from_activations(clf, frozen_activations(clf, images.pixels(list(range(i, min(n, i + POOL_CHUNK)))), settings),
+                                   settings, multilabel=multilabel) for i in range(0, n, POOL_CHUNK)])
     parts = [predict(clf, images.pixels(list(range(i, min(n, i + POOL_CHUNK)))), settings, multilabel=multilabel)
              for i in range(0, n, POOL_CHUNK)]
     if not parts:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import runtime
 from .backbone import Classifier, loaded_fingerprint
 from .config import Settings
 from .training import Prediction, _autocast, _dtype, bf16_enabled
@@ -50,6 +51,8 @@ def cache_key(settings: Settings, clf: Classifier, size: int) -> str:
     pooling, precision, and the entry format."""
     ident = {"format": CACHE_FORMAT, "backbone": loaded_fingerprint(settings.backbone), "size": size,
              "block": clf.first_adapted, "layers": clf.n_layers, "features": settings.features, "bf16": bf16_enabled(settings)}
+    if (rt := runtime.resolve(settings)) != "torch":  # torch's keys stay as they were, so its caches stay valid
+        ident["runtime"] = rt
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -179,7 +182,12 @@ class ActivationCache:
 
 
 def frozen_activations(clf: Classifier, pixels: torch.Tensor, settings: Settings) -> np.ndarray:
-    """What the cache stores for these images (see module doc)."""
+    """What the cache stores for these images (see module doc), computed by the runtime PEAL_RUNTIME
+    resolves to (`runtime`): ONNX Runtime, or torch in PEAL_PRECISION."""
+    if (rt := runtime.resolve(settings)) != "torch" and len(pixels):
+        sess = runtime.session(clf, settings, int(pixels.shape[-1]))
+        if sess is not None:
+            return runtime.run(sess, pixels, settings.inference_batch_size)
     model = clf
     if bf16_enabled(settings) and _dtype(clf) == torch.float32:
         model = _bf16_frozen_twin(clf)
