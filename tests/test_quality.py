@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peal_backend import quality
+from tests.conftest import DATASETS
 from peal_backend.quality import (adjusted_margin_scores, confident_thresholds, mislabeling_scores, near_duplicates,
                                   stratified_folds)
 
@@ -164,3 +165,43 @@ def test_whitening_spreads_typical_pairs_but_keeps_copies():
     w = u[:300] @ u[:300].T
     np.fill_diagonal(w, 0)
     assert np.median(w.max(axis=1)) < 0.8 and float(u[0] @ u[300]) > 0.99
+
+
+# --- through the engine ----------------------------------------------------------------------------------
+
+PNEUMONIA = DATASETS / "pneumoniamnist.npz"
+
+
+@pytest.mark.skipif(not PNEUMONIA.exists(), reason=f"{PNEUMONIA} missing (set PEAL_DATASETS)")
+def test_run_cycle_scores_labels_and_finds_duplicates_without_touching_the_queue(tmp_path):
+    """The one engine on real chest X-rays through peal-mini: 200 labels (both classes), 20 flipped, and one
+    labeled image repeated in the pool. The flipped labels dominate the top of the mislabeling ranking,
+    the copy is the labeled image's neighbour, and the queue is the same as with label quality off."""
+    from peal_backend import simulate as sim
+    from peal_backend.config import Settings
+
+    with np.load(PNEUMONIA) as data:  # the file is sorted by class: 150 of each
+        lab = data["train_labels"][:, 0]
+        pick = np.concatenate([np.flatnonzero(lab == 0)[:150], np.flatnonzero(lab == 1)[:150]])
+        pick = pick[np.random.default_rng(0).permutation(len(pick))]
+        images, labels = data["train_images"][pick], lab[pick].astype(np.int64)
+    images = np.concatenate([images, images[[3]]])  # pool item 300 is labeled item 3 again
+    labels = np.concatenate([labels, labels[[3]]])
+    noisy, flipped = flip(labels[:200], 2, 0.1, seed=2)
+    labels = np.concatenate([noisy, labels[200:]])
+    data = sim.Dataset("xrays", images, labels, images[:2], labels[:2], ["normal", "pneumonia"])
+    settings = Settings(backbone="peal-mini", adapter="linear", strategy="margin")
+    prep = sim.prepare(data, settings, tmp_path / "cache")
+    labeled = np.arange(200)
+
+    on = sim.simulated_cycle(prep, settings, labeled)
+    off = sim.simulated_cycle(prep, settings.replace(mislabeling=False, duplicate_similarity=0.0), labeled)
+    assert off.mislabeling is None and off.neighbors is None
+    assert np.array_equal(on.order, off.order) and np.array_equal(on.queue_scores, off.queue_scores)
+
+    scores = on.mislabeling.scores
+    assert scores.shape == (200,) and on.mislabeling.scored.all()
+    top = np.argsort(-scores)[:20]
+    assert len(set(top) & set(flipped)) >= 6  # at least 3x the 10 % base rate among the top 10 %
+    assert 300 in on.neighbors[3]  # position 300: the labeled set (200) + pool position 100 (item 300)
+    assert on.metrics["mislabeling_seconds"] >= 0 and on.metrics["duplicates_seconds"] >= 0
