@@ -170,7 +170,9 @@ def whitened_rows(embeddings: np.ndarray, components: int = WHITEN_COMPONENTS) -
     0.72 and re-encoded copies stay above 0.98 (benchmarks/mislabeling.py measures it)."""
     x = np.asarray(embeddings, dtype=np.float64)
     x = x - x.mean(axis=0, keepdims=True)
-    k = max(1, min(int(components), x.shape[0] - 1, x.shape[1]))
+    # at most half as many directions as rows: whitened to nearly as many directions as there are rows,
+    # every row is about equally far from every other (a simplex) and copies no longer stand out
+    k = max(1, min(int(components), x.shape[0] // 2, x.shape[1]))
     _, sv, vt = np.linalg.svd(x, full_matrices=False)
     sv = sv[:k] / np.sqrt(max(len(x), 1))
     w = (x @ vt[:k].T) / np.where(sv > 1e-12, sv, 1.0)

@@ -141,6 +141,13 @@ def test_near_duplicates_finds_planted_copies_only():
     assert len(got[0]) == 2 and set(got[0]) <= {200, 201, 202, 203}
 
 
+def test_a_copy_stands_out_in_a_small_project():
+    """With few items, whitening keeps fewer directions than half the rows: a copy still scores near 1."""
+    x, _ = blobs(5, 2, dim=48, spread=2.0)
+    everything = np.concatenate([x, x[:1] + 1e-3])
+    assert near_duplicates(everything, list(range(11)), 0.98) == {0: [10], 10: [0]}
+
+
 def test_near_duplicates_edge_cases():
     assert near_duplicates(np.zeros((1, 4)), [7], 0.9) == {}
     assert near_duplicates(np.zeros((0, 4)), [], 0.9) == {}
