@@ -25,7 +25,7 @@ from peal_backend.labelstudio import LabelStudio
 from peal_backend.labelstudio_job import quality_predictions, quality_version, train_project
 from peal_backend.model import parse_label_config
 from tests.labelstudio_fixture import ensure_template, label_studio, require_label_studio, start_server, stop_server  # noqa: F401
-from tests.test_e2e_labelstudio import LABELS, REPO, annotate, backbone, make_project, predictions_at, xrays  # noqa: F401
+from tests.test_e2e_labelstudio import LABELS, REPO, annotate, load_example, backbone, make_project, predictions_at, xrays  # noqa: F401
 
 ALLOWLIST = "predictions__mislabeling"
 
@@ -132,6 +132,16 @@ def test_labeled_tasks_get_mislabeling_and_neighbors_without_disturbing_the_queu
     above = task_ids_ordered(server, pid, {"filters": {"conjunction": "and", "items": [
         {"filter": "filter:tasks:predictions__mislabeling", "operator": "greater", "type": "Number", "value": 0.5}]}})
     assert set(above) == {t for t, s in scores.items() if s > 0.5}
+
+    # examples/review_labels.py: the top labels with what a reviewer needs, and a Data Manager tab
+    review = load_example("review_labels")
+    top = review.to_review(server.client, pid, 3)
+    assert [r["task"] for r in top] == sorted(scores, key=scores.get, reverse=True)[:3]
+    assert all(r["given"] == given[r["task"]] and r["model"] in LABELS for r in top)
+    view = review.create_tab(server.client, pid)
+    r = requests.get(f"{server.url}/api/tasks/", headers={"Authorization": f"Token {server.token}"}, timeout=60,
+                     params={"project": pid, "view": view, "fields": "task_only", "page_size": 500})
+    assert [t["id"] for t in r.json()["tasks"]][:len(labeled)] == ordered[:len(labeled)]
 
     # the next training replaces the quality predictions; at most PEAL_QUALITY_MAX_WRITES of them, tasks
     # with near-duplicates first, then the highest scores
