@@ -27,6 +27,8 @@ from .training import fit_head
 log = logging.getLogger(__name__)
 
 WHITEN_COMPONENTS = 32  # directions kept by `whitened_rows` (measured: benchmarks/mislabeling.py)
+IDENTICAL = 0.99999  # raw-embedding cosine similarity taken as "the same image" in a small set
+MIN_DIRECTIONS = 8  # fewer rows than twice this: too few to whiten; only (near-)identical embeddings count
 MIN_PER_CLASS = 2  # a label is scored only if its class has another labeled item to learn it from
 
 
@@ -183,7 +185,9 @@ def whitened_rows(embeddings: np.ndarray, components: int = WHITEN_COMPONENTS) -
 def near_duplicates(embeddings: np.ndarray, ids, similarity: float, *, max_neighbors: int = 10,
                     block: int = 4096) -> dict:
     """{id: [ids of its near-duplicates, most similar first]} for every item with at least one other item
-    whose cosine similarity (`whitened_rows`) is at least `similarity`; at most `max_neighbors` each."""
+    whose cosine similarity (`whitened_rows`) is at least `similarity`; at most `max_neighbors` each.
+    Sets of fewer than 2 * MIN_DIRECTIONS items cannot be whitened usefully: there, only items whose raw
+    embeddings are identical up to IDENTICAL count."""
     x = np.asarray(embeddings)
     ids = list(ids)
     if x.ndim != 2 or len(ids) != len(x):
@@ -192,7 +196,12 @@ def near_duplicates(embeddings: np.ndarray, ids, similarity: float, *, max_neigh
         raise ValueError(f"similarity must be in (0, 1], got {similarity}")
     if len(x) < 2:
         return {}
-    u = whitened_rows(x)
+    if len(x) < 2 * MIN_DIRECTIONS:  # in a few whitened directions unrelated rows align by chance
+        raw = np.asarray(x, dtype=np.float64)
+        u = np.ascontiguousarray(raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+        similarity = max(similarity, IDENTICAL)
+    else:
+        u = whitened_rows(x)
     index = faiss.IndexFlatIP(u.shape[1])
     index.add(u)
     radius = float(np.nextafter(np.float32(similarity), np.float32(-1)))  # faiss keeps ip > radius

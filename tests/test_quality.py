@@ -142,10 +142,22 @@ def test_near_duplicates_finds_planted_copies_only():
 
 
 def test_a_copy_stands_out_in_a_small_project():
-    """With few items, whitening keeps fewer directions than half the rows: a copy still scores near 1."""
-    x, _ = blobs(5, 2, dim=48, spread=2.0)
-    everything = np.concatenate([x, x[:1] + 1e-3])
-    assert near_duplicates(everything, list(range(11)), 0.98) == {0: [10], 10: [0]}
+    """Whitening keeps at most half as many directions as rows (to nearly as many, every row is about
+    equally far from every other and a copy no longer stands out): a copy among 19 items is found."""
+    x, _ = blobs(10, 2, dim=48, spread=2.0)
+    everything = np.concatenate([x[:18], x[:1] + 1e-3])
+    assert near_duplicates(everything, list(range(19)), 0.98) == {0: [18], 18: [0]}
+
+
+def test_a_tiny_set_counts_only_identical_embeddings():
+    """Below 16 items there are too few rows to whiten: only identical embeddings are duplicates, so a
+    handful of unrelated items never pair up by chance."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.normal(size=(6, 8)).astype(np.float32)
+        assert near_duplicates(x, list(range(6)), 0.98) == {}
+    x = np.concatenate([x, x[:1]])
+    assert near_duplicates(x, list(range(7)), 0.98) == {0: [6], 6: [0]}
 
 
 def test_near_duplicates_edge_cases():
