@@ -185,3 +185,15 @@ def test_quality_predictions_order_cap_and_payload():
     assert rows[2]["result"][0]["value"]["choices"] == [LABELS[1]] and rows[2]["mislabeling"] == 0.9
     assert [r["task"] for r in quality_predictions(spec, result, [10, 11, 12, 13], [14], 2, 0.5)] == [13, 11]
     assert quality_predictions(spec, result, [10, 11, 12, 13], [14], 0, 0.5) == []
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mislabeling", float("nan"), "expected a finite number"), ("mislabeling", "high", "expected a finite number"),
+    ("mislabeling", True, "expected a finite number"), ("neighbors", 5, "expected a list of task ids"),
+    ("neighbors", [1, "2"], "expected a list of task ids")])
+def test_bad_quality_fields_are_refused_before_any_request(field, value, message):
+    from peal_backend.labelstudio import _validated
+    with pytest.raises(ValueError, match=rf"predictions\[0\]\['{field}'\]: {message}"):
+        _validated([{"task": 1, "result": [], field: value}])
+    assert _validated([{"task": 1, "result": [], "mislabeling": 0.25, "neighbors": [2, 3]}]) == [
+        {"task": 1, "result": [], "mislabeling": 0.25, "neighbors": [2, 3]}]
