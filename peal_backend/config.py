@@ -121,6 +121,20 @@ class Settings:
     balance: bool = _env("PEAL_BALANCE", False, "Class-balance the strategy's picks (PEAL / C-PEAL scheme).", bool)
     candidate_fraction: float = _env("PEAL_CANDIDATE_FRACTION", 0.1, "Class balancing chooses among this top fraction of the strategy's ranking.", float)
 
+    # --- Label quality (Label Studio's `mislabeling` and `neighbors` prediction fields) -------------------
+    mislabeling: bool = _env("PEAL_MISLABELING", False, "After each training, score every labeled task for how likely its label is "
+                             "wrong (confident learning on out-of-sample predictions of the head, 5-fold) and write it into Label "
+                             "Studio's `mislabeling` on a `peal-quality-vN` prediction (README, \"Review labels\"). Off by "
+                             "default: the five head fits run inside the cycle (tens of seconds at a few hundred labels on "
+                             "the 2-core machine) and delay the queue's freshness.", bool)
+    duplicate_similarity: float = _env("PEAL_DUPLICATE_SIMILARITY", 0.0, "Labeled tasks get Label Studio's `neighbors`: the tasks "
+                                       "whose whitened backbone embedding has at least this cosine similarity with theirs "
+                                       "(near-duplicates; 0 = off, 0.98 found 95-100 % of resized and re-encoded copies, "
+                                       "BENCHMARKS.md).", float)
+    quality_max_writes: int = _env("PEAL_QUALITY_MAX_WRITES", 200, "Most labeled tasks given a quality prediction per training: "
+                                   "those with near-duplicates, then the most likely mislabeled. Label Studio stores these fields "
+                                   "only one request per prediction.", int)
+
     # --- Images ----------------------------------------------------------------------------------
     cache_dir: str = _env("PEAL_CACHE_DIR", "", "Cache folder: fetched images and frozen backbone activations (default: MODEL_DIR/.cache).")
     image_cache_mb: float = _env("PEAL_IMAGE_CACHE_MB", 2000.0, "Disk space of the fetched-image cache, in MB; least recently "
@@ -157,6 +171,10 @@ class Settings:
                                 f"PEAL_IMAGE_SIZE ({self.image_size})")
         if self.lora_last_k < 0 or self.warm_min_steps < 1 or self.full_retrain_every < 0:
             raise SettingsError("PEAL_LORA_LAST_K and PEAL_FULL_RETRAIN_EVERY must be >= 0, PEAL_WARM_MIN_STEPS >= 1")
+        if not 0 <= self.duplicate_similarity <= 1:
+            raise SettingsError(f"PEAL_DUPLICATE_SIMILARITY={self.duplicate_similarity}: must be in [0, 1] (0 = off)")
+        if self.quality_max_writes < 0:
+            raise SettingsError(f"PEAL_QUALITY_MAX_WRITES={self.quality_max_writes}: must be >= 0")
         if not 0 < self.candidate_fraction <= 1:
             raise SettingsError(f"PEAL_CANDIDATE_FRACTION={self.candidate_fraction}: must be in (0, 1]")
 

@@ -11,6 +11,8 @@ A cycle has two phases:
   Label Studio serves that order instead of its random fallback;
 - trained: the classifier is fitted (`training.fit`) and the pool ranked by the strategy.
 `PEAL_STRATEGY=auto` picks the strategy from what is labeled (`auto_strategy`).
+Label quality (`label_quality`) comes from the same frozen features: how likely each given label is
+wrong, and the labeled items' near-duplicates.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import acquisition
+from . import acquisition, quality
 from .backbone import Classifier, build_classifier
 from .config import Settings
 from .scoring import ActivationCache, cache_key, cacheable, frozen_activations, score_cached, score_from_activations
@@ -56,6 +58,9 @@ class CycleResult:
     queue_scores: np.ndarray       # (len(pool),) Label Studio scores in [0, 1], lowest = label next
     clusters: np.ndarray           # (n_labeled + n_pool,) cluster ids, labeled first; empty if off
     strategy: str                  # the strategy that ranked (what `auto` resolved to)
+    # label quality (settings.mislabeling, settings.duplicate_similarity), for the labeled items:
+    mislabeling: quality.Mislabeling | None = None  # None: off, or no classifier
+    neighbors: dict[int, list[int]] | None = None   # labeled position -> near-duplicate positions (labeled first)
 
     @property
     def trained(self) -> bool:
@@ -190,6 +195,25 @@ def _rows(pred: Prediction, idx) -> Prediction:
 
 # --- the cycle ----------------------------------------------------------------------------------------------
 
+def label_quality(settings: Settings, frozen: np.ndarray, targets: torch.Tensor, n_classes: int, multiple: bool,
+                  trainable: bool) -> tuple[quality.Mislabeling | None, dict[int, list[int]] | None, dict]:
+    """Mislabeling scores of the labeled items (the first len(targets) rows of `frozen`) and their
+    near-duplicates among all rows, as settings ask; the seconds each took."""
+    n_lab = len(targets)
+    scores, neighbors, seconds = None, None, {}
+    if settings.mislabeling and trainable:
+        started = time.perf_counter()
+        scores = quality.mislabeling_scores(frozen[:n_lab], targets.cpu().numpy(), n_classes, c=settings.head_c,
+                                            seed=settings.seed, multilabel=multiple)
+        seconds["mislabeling_seconds"] = round(time.perf_counter() - started, 3)
+    if settings.duplicate_similarity > 0 and n_lab:
+        started = time.perf_counter()
+        found = quality.near_duplicates(frozen, range(len(frozen)), settings.duplicate_similarity)
+        neighbors = {i: found[i] for i in range(n_lab) if i in found}
+        seconds["duplicates_seconds"] = round(time.perf_counter() - started, 3)
+    return scores, neighbors, seconds
+
+
 def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool: ImageSet, n_classes: int, *,
               multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
               progress: Callable[[int, int, float], None] | None = None,
@@ -231,11 +255,13 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     else:
         outputs = _uniform(n_lab + len(pool), n_classes, frozen)
     metrics["score_seconds"] = round(score_seconds, 3)  # the pool and the labeled set through the model
+    mislabeling, neighbors, seconds = label_quality(settings, frozen, targets, n_classes, multiple, trainable)
+    metrics.update(seconds)
 
     if len(pool) == 0:
         empty = np.zeros(0, np.int64)
         return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], empty, np.zeros(0),
-                           empty, strategy)
+                           empty, strategy, mislabeling, neighbors)
     probs = outputs.probs
     if multiple:  # strategies expect rows that sum to 1; sigmoid outputs are renormalised
         probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
@@ -252,4 +278,4 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     clusters = (acquisition.clusters(frozen, k=settings.clusters or None, seed=settings.seed)
                 if settings.clusters >= 0 else np.zeros(0, np.int64))
     return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], order - n_lab, scores,
-                       clusters, strategy)
+                       clusters, strategy, mislabeling, neighbors)

@@ -25,7 +25,10 @@ PAGE_SIZE = 1000     # tasks per page when listing a project (Label Studio 1.23 
 # pushed 5,000 predictions 6.7x faster than 200 (benchmarks/prediction_import.py).
 CHUNK_SIZE = 5000
 BULK_TIMEOUT = 600.0  # seconds for one bulk import request (a large project's counter update included)
-PARALLEL_REQUESTS = 4  # concurrent one-prediction requests (predictions with a cluster)
+PARALLEL_REQUESTS = 4  # concurrent one-prediction requests (predictions with a cluster, mislabeling or neighbors)
+# Prediction fields Label Studio 1.23's bulk import drops (it builds each Prediction from result, score and
+# model_version only): only its per-prediction endpoint, POST /api/predictions/, stores them
+ONE_BY_ONE_FIELDS = ("cluster", "mislabeling", "neighbors")
 TOKEN_MARGIN = 30.0  # refresh an access token this many seconds before it expires
 
 
@@ -308,17 +311,17 @@ class LabelStudio:
         # a version Label Studio has never held has no prediction yet: no scan needed to skip existing ones
         have = self.tasks_with_prediction(project_id, model_version) if rows and not new_version else set()
         pending = [p for p in rows if p["task"] not in have]
-        clustered = [p for p in pending if "cluster" in p]
-        pending = [p for p in pending if "cluster" not in p]
-        created = self._create_one_by_one(project_id, clustered, model_version) if clustered else 0
+        single = [p for p in pending if any(f in p for f in ONE_BY_ONE_FIELDS)]
+        pending = [p for p in pending if not any(f in p for f in ONE_BY_ONE_FIELDS)]
+        created = self._create_one_by_one(project_id, single, model_version) if single else 0
         path = f"/api/projects/{int(project_id)}/import/predictions"
         for start in range(0, len(pending), CHUNK_SIZE):
             created += self._post_once(project_id, model_version, path, pending[start:start + CHUNK_SIZE])
         return created
 
     def _create_one_by_one(self, project_id: int, rows: list[dict], model_version: str) -> int:
-        """Predictions that carry a `cluster`: Label Studio 1.23's bulk import drops that field, and only
-        its per-prediction endpoint stores it, so one request each (a few threads in parallel)."""
+        """Predictions that carry a field of ONE_BY_ONE_FIELDS: Label Studio 1.23's bulk import drops those,
+        and only its per-prediction endpoint stores them, so one request each (a few threads in parallel)."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS) as pool:
@@ -384,5 +387,15 @@ def _validated(predictions: list[dict]) -> list[dict]:
             if isinstance(cluster, bool) or not isinstance(cluster, int):
                 raise ValueError(f"predictions[{i}]['cluster']: expected an int, got {cluster!r}")
             row["cluster"] = cluster
+        if p.get("mislabeling") is not None:  # Label Studio's per-task label-quality score
+            mislabeling = p["mislabeling"]
+            if isinstance(mislabeling, bool) or not isinstance(mislabeling, (int, float)) or not math.isfinite(mislabeling):
+                raise ValueError(f"predictions[{i}]['mislabeling']: expected a finite number, got {mislabeling!r}")
+            row["mislabeling"] = float(mislabeling)
+        if p.get("neighbors") is not None:  # task ids of near-duplicates
+            neighbors = p["neighbors"]
+            if not isinstance(neighbors, list) or any(isinstance(n, bool) or not isinstance(n, int) for n in neighbors):
+                raise ValueError(f"predictions[{i}]['neighbors']: expected a list of task ids (int), got {neighbors!r}")
+            row["neighbors"] = list(neighbors)
         rows.append(row)
     return rows

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 import torch
 
 from .backbone import input_size, load_backbone
@@ -81,6 +82,36 @@ def labeled_examples(labeled: list[tuple[dict, dict]], project: int, spec: Label
 
 
 COLD_START_PREFIX = "peal-coldstart"  # versions that only order the queue: no classifier yet
+QUALITY_PREFIX = "peal-quality"  # labeled tasks' label-quality predictions (`mislabeling`, `neighbors`)
+
+
+def quality_version(version: str) -> str:
+    """The model version of the label-quality predictions written with `version` (same number): apart from
+    the queue's version, so the project's model_version, the queue and the pre-annotations never see it."""
+    return f"{QUALITY_PREFIX}-v{version_number(version)}"
+
+
+def quality_predictions(spec: LabelSpec, result, labeled_ids: list[int], pool_ids: list[int], max_writes: int,
+                        threshold: float) -> list[dict]:
+    """Label Studio predictions for the labeled tasks the cycle judged: `mislabeling` (how likely the given
+    label is wrong), `neighbors` (near-duplicate task ids, labeled or not) and, as `result`, the choice of
+    a head that never saw the task's label. Tasks with near-duplicates first, then by mislabeling,
+    highest first; at most `max_writes` (each costs Label Studio one request)."""
+    ids = list(labeled_ids) + list(pool_ids)
+    scores = result.mislabeling.scores if result.mislabeling is not None else np.full(len(labeled_ids), np.nan)
+    neighbors = result.neighbors or {}
+    rows = []
+    for i, tid in enumerate(labeled_ids):
+        scored = not np.isnan(scores[i])
+        if not scored and i not in neighbors:
+            continue
+        row = {"task": tid, "result": choices_result(spec, result.mislabeling.probs[i], threshold) if scored else [],
+               "mislabeling": round(float(scores[i]), 6) if scored else 0.0}
+        if i in neighbors:
+            row["neighbors"] = [ids[j] for j in neighbors[i]]
+        rows.append(row)
+    rows.sort(key=lambda r: ("neighbors" not in r, -r["mislabeling"]))
+    return rows[:max(0, int(max_writes))]
 
 
 def train_project(project_id: int, settings: Settings, reason: str = "") -> dict:
@@ -178,7 +209,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         **cycle_entry, "version": version.name, "created_at": version.meta["created_at"], "data_as_of": data_as_of,
         "score_seconds": round(score_seconds, 3), "reason": reason}, evaluated)
 
-    pushed = 0
+    pushed = quality_written = 0
     timings = {"fetch": round(fetch_seconds, 3), "train": result.metrics.get("train_seconds", 0.0),
                "score": result.metrics.get("score_seconds", 0.0), "save": round(time.perf_counter() - saving, 3)}
     if settings.push_predictions:
@@ -201,13 +232,28 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         if settings.set_uncertainty_sampling:
             ls.set_sampling(project, "Uncertainty sampling")
         timings["switch"] = round(time.perf_counter() - switching, 3)  # the queue is fresh from here
-        prune_in_background(ls, store, project, held, version.name)
+        # label quality, after the switch (the queue is fresh already); the previous quality version goes
+        # with the versions no longer kept, so each labeled task has at most one
+        keep = {version.name}
+        if result.mislabeling is not None and result.mislabeling.reason:
+            log.info("project %s: mislabeling: %s", project, result.mislabeling.reason)
+        rows = quality_predictions(spec, result, [t["id"] for t in tasks], [t["id"] for t in pool_tasks],
+                                   settings.quality_max_writes, settings.threshold)
+        if rows:
+            writing = time.perf_counter()
+            track.phase("pushing", f"writing label quality for {len(rows)} labeled tasks")
+            check_lease()
+            judged = quality_version(version.name)
+            quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
+            keep.add(judged)
+            timings["quality"] = round(time.perf_counter() - writing, 3)
+        prune_in_background(ls, store, project, held, keep)
     first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
     learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started)
     track.phase("done")
     return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
             "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
-            "predictions_pushed": pushed, "label_next": first, "failed_images": bad + pool_bad,
+            "predictions_pushed": pushed, "quality_predictions": quality_written, "label_next": first, "failed_images": bad + pool_bad,
             "skipped_annotations": skipped,
             "trainable_parameters": counts["trainable"], "timings": timings,
             "seconds": round(time.perf_counter() - started, 3)}
@@ -217,12 +263,12 @@ _pruning: dict[int, threading.Thread] = {}  # project -> the thread deleting its
 _pruning_lock = threading.Lock()
 
 
-def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, current: str) -> None:
+def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str]) -> None:
     """Delete from Label Studio the predictions of versions this backend no longer keeps (its version
     list and the tasks' prediction lists would otherwise grow with every training). Only versions older
     than the current one go, so this never races a training: names only grow."""
     started, done = time.perf_counter(), 0
-    kept = set(store.versions(project)) | {current}
+    kept = set(store.versions(project)) | set(keep)
     try:
         for old in held:
             if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
@@ -234,7 +280,7 @@ def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, curr
         log.info("project %s: deleted %d old version(s)' predictions in %.1f s", project, done, time.perf_counter() - started)
 
 
-def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, current: str) -> bool:
+def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str]) -> bool:
     """Run `_prune_versions` in a thread, off the training's critical path: Label Studio deletes
     predictions one by one (about 20 s per 1,000 on the 2-core machine), which used to hold the next
     training back. One pruning per project at a time; when one is still running this is skipped, and
@@ -243,7 +289,7 @@ def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, 
         running = _pruning.get(project)
         if running is not None and running.is_alive():
             return False
-        thread = threading.Thread(target=_prune_versions, args=(ls, store, project, dict(held), current),
+        thread = threading.Thread(target=_prune_versions, args=(ls, store, project, dict(held), set(keep)),
                                   name=f"peal-prune-{project}", daemon=True)
         _pruning[project] = thread
         thread.start()

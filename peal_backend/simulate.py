@@ -48,7 +48,7 @@ COLUMNS = ("dataset", "config", "adapter", "strategy", "balance", "calibration",
 _NOT_RESULTS = ("label_studio_url", "label_studio_api_key", "model_dir", "log_level", "port", "basic_auth_user",
                 "basic_auth_pass", "redis_url", "queue_name", "job_lock_ttl", "job_timeout", "cache_dir", "torch_threads",
                 "adapter", "strategy", "balance", "calibration", "seed", "retrain_every", "push_predictions",
-                "set_uncertainty_sampling", "keep_versions")
+                "set_uncertainty_sampling", "keep_versions", "mislabeling", "duplicate_similarity", "quality_max_writes")
 
 
 def settings_key(settings: Settings) -> str:
@@ -374,7 +374,8 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
     labeled there is no classifier: the row scores predicting the one labeled class for everything
     (what any classifier trained on those labels would do)."""
     data = prep.data
-    s = variant.settings(settings).replace(seed=seed, retrain_every=budget)
+    # label quality changes no queue and no curve: not computed here (benchmarks/mislabeling.py measures it)
+    s = variant.settings(settings).replace(seed=seed, retrain_every=budget, mislabeling=False, duplicate_similarity=0.0)
     n_train = len(data.train_labels)
     labeled = np.zeros(0, dtype=np.int64)
     solved: dict[int, int] = {}  # cluster -> tasks the annotator labeled in it, as Label Studio counts
