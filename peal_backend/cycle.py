@@ -155,13 +155,16 @@ POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.
 
 
 def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_dir: str | None, *,
-                 multilabel: bool = False) -> Prediction:
+                 multilabel: bool = False, via: Classifier | None = None) -> Prediction:
     """The one inference path of a cycle: finished from the activation cache where the model has a frozen
     prefix (and a cache folder is given), else a chunked forward; a linear probe's chunks still go through
     `frozen_activations`, so the frozen first pass runs where PEAL_RUNTIME says, cache or not."""
     if cache_dir and settings.activation_cache and cacheable(clf):
         cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, images.size))
-        return score_cached(clf, settings, images.hashes, images.pixels, cache, multilabel=multilabel)
+        source = None
+        if via is not None and cacheable(via) and via.first_adapted < clf.first_adapted == clf.n_layers:
+            source = (via, ActivationCache.shared(Path(cache_dir) / cache_key(settings, via, images.size)))
+        return score_cached(clf, settings, images.hashes, images.pixels, cache, multilabel=multilabel, source=source)
     n = len(images)
     if cacheable(clf) and clf.first_adapted == clf.n_layers and n:  # the whole backbone frozen: features, then the head
         return Prediction.concat([
@@ -227,8 +230,11 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     n_lab = len(labeled)
     everything = concat(labeled, pool)
     probe = build_classifier(settings.replace(adapter="linear"), n_classes)
+    # built now, so that the pass that gives the probe its features also fills the adapted model's cache
+    # (the tokens entering its first adapted block), which its first training would otherwise compute again
+    adapted = build_classifier(settings, n_classes) if settings.adapter != "linear" else None
     started = time.perf_counter()
-    frozen_pred = score_images(probe, settings, everything, cache_dir, multilabel=multiple)
+    frozen_pred = score_images(probe, settings, everything, cache_dir, multilabel=multiple, via=adapted)
     score_seconds = time.perf_counter() - started
     frozen = frozen_pred.embeddings
     trainable = can_train(targets, multiple)
@@ -239,7 +245,7 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
 
     clf = None
     if trainable:
-        clf = probe if settings.adapter == "linear" else build_classifier(settings, n_classes)
+        clf = probe if settings.adapter == "linear" else adapted
         if init is not None:
             clf.load_trainable(init)
         if settings.adapter == "linear":  # the head is solved from scratch on the features already at hand,

@@ -225,19 +225,44 @@ def score_from_activations(clf: Classifier, acts: np.ndarray, settings: Settings
     return Prediction(probs.numpy(), lg.numpy(), emb)
 
 
+def finish_frozen(clf: Classifier, tokens: np.ndarray, start: int, settings: Settings) -> np.ndarray:
+    """What the cache stores for a fully frozen model (a linear probe: pooled features), from the tokens
+    entering block `start` (another model's cache entries): the frozen blocks start..L-1 and pooling."""
+    assert clf.first_adapted == clf.n_layers, "only a fully frozen model is finished from another cache"
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(tokens), settings.inference_batch_size):
+            h = torch.from_numpy(tokens[i:i + settings.inference_batch_size]).to(settings.device, _dtype(clf))
+            out.append(clf.features_from(h, start).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, clf.feature_dim), np.float32)
+
+
 def score_cached(clf: Classifier, settings: Settings, hashes: list[str], pixels, cache: ActivationCache, *,
-                 multilabel: bool = False) -> Prediction:
+                 multilabel: bool = False, source: tuple[Classifier, ActivationCache] | None = None) -> Prediction:
     """Score images, computing frozen activations only for those not in the cache.
 
     `pixels` is a tensor of all images, or a callable giving the tensor for a list of positions (so
-    cached images need not even be preprocessed)."""
+    cached images need not even be preprocessed). `source` (a model with a shorter frozen prefix, e.g.
+    LoRA on the last K blocks, and its cache): a fully frozen `clf`'s missing entries are finished from
+    that cache's entries, which are filled first where missing, so one pass of the frozen blocks fills
+    both caches (the first trained cycle then does not push the pool through them again)."""
     if not hashes:
         return score_from_activations(clf, np.zeros((0,), np.float32), settings, multilabel=multilabel)
     todo = cache.missing(hashes)
     for start in range(0, len(todo), FILL_CHUNK):  # chunks bound the memory of a first, uncached pass
         chunk = todo[start:start + FILL_CHUNK]
-        px = pixels(chunk) if callable(pixels) else pixels[chunk]
-        cache.put([hashes[i] for i in chunk], frozen_activations(clf, px, settings))
+        names = [hashes[i] for i in chunk]
+        if source is None:
+            px = pixels(chunk) if callable(pixels) else pixels[chunk]
+            cache.put(names, frozen_activations(clf, px, settings))
+            continue
+        src_clf, src_cache = source
+        need = src_cache.missing(names)
+        if need:
+            positions = [chunk[j] for j in need]
+            px = pixels(positions) if callable(pixels) else pixels[positions]
+            src_cache.put([names[j] for j in need], frozen_activations(src_clf, px, settings))
+        cache.put(names, finish_frozen(clf, src_cache.get(names), src_clf.first_adapted, settings))
     # finished a chunk at a time: with LoRA on the last K blocks an entry is a whole token sequence
     # (257 x 384 floats at 224 px, 395 KB), so the whole pool at once would be gigabytes
     parts = [score_from_activations(clf, cache.get(hashes[i:i + FINISH_CHUNK]), settings, multilabel=multilabel)

@@ -47,6 +47,26 @@ def test_cached_rescore_matches_full_forward_and_skips_the_backbone(tmp_path, ti
     np.testing.assert_allclose(again.probs, predict(clf, pixels, s).probs, atol=5e-3)
 
 
+def test_one_pass_fills_the_probe_and_the_lora_caches(tmp_path, tiny_backbone, retina):
+    """The cycle's first pass (the probe's features) also stores the tokens LoRA on the last K blocks
+    starts from, so the first trained cycle does not push the pool through the frozen blocks again."""
+    from peal_backend.cycle import ImageSet, score_images
+    pixels, _, hashes = retina
+    s = Settings(backbone=tiny_backbone, adapter="lora", lora_last_k=1)
+    probe, lora = build_classifier(s.replace(adapter="linear"), 5), build_classifier(s, 5)
+    images = ImageSet.from_tensor(hashes, pixels)
+    via = score_images(probe, s, images, str(tmp_path), via=lora)
+    direct = score_images(probe, s, images, str(tmp_path / "direct"))
+    # the probe's features come from float16-stored tokens through the last frozen block: rounding only
+    np.testing.assert_allclose(via.embeddings, direct.embeddings, atol=2e-2)
+    lora_cache = ActivationCache(tmp_path / cache_key(s, lora, 28))
+    assert lora_cache.missing(hashes) == []
+    assert len(ActivationCache(tmp_path / cache_key(s, probe, 28))) == len(set(hashes))
+    # LoRA's first scoring finishes from its cache without the backbone's frozen blocks
+    again = score_images(lora, s, ImageSet(hashes, no_backbone, 28), str(tmp_path))
+    np.testing.assert_allclose(again.probs, predict(lora, pixels, s).probs, atol=5e-3)
+
+
 def test_nothing_to_cache_for_prompts_or_lora_everywhere(tiny_backbone):
     assert not cacheable(build_classifier(Settings(backbone=tiny_backbone, adapter="prompt"), 2))
     assert not cacheable(build_classifier(Settings(backbone=tiny_backbone, adapter="lora"), 2))
