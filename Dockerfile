@@ -7,8 +7,9 @@
 # registry, a Debian 12 base made by scripts/docker_build_local.sh (BASE_IMAGE=peal-local/python:3.11-bookworm).
 ARG BASE_IMAGE=python:3.11-slim
 
-# --- builder: a virtual environment with CPU torch and the project ---------------------------------
-FROM ${BASE_IMAGE} AS builder
+# --- deps: a virtual environment with CPU torch and the project's dependencies ----------------------
+# Keyed on setup.py alone: a change to the code reuses this stage (and the runtime's copy of it).
+FROM ${BASE_IMAGE} AS deps
 
 # CPU-only torch, pinned to the +cpu build of 2.13.0, from PyTorch's CPU wheel index (PyPI's torch
 # is the CUDA build: gigabytes of wheels). PIP_OPTIONS is added to both pip installs; with
@@ -28,17 +29,20 @@ COPY docker/wheelhouse/ /wheels/
 # hadolint ignore=SC2086
 RUN /opt/venv/bin/pip install $PIP_OPTIONS --index-url "$TORCH_INDEX_URL" torch==2.13.0+cpu
 
-WORKDIR /src
-COPY setup.py README.md ./
-COPY peal_backend ./peal_backend
+# setup.py's install_requires, through an empty package of the same name, removed after
+COPY setup.py /src/
 # hadolint ignore=SC2086
-RUN /opt/venv/bin/pip install $PIP_OPTIONS . \
-    && /opt/venv/bin/python -c "import torch, peal_backend.server, peal_backend.backbone; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+RUN mkdir /src/peal_backend && touch /src/peal_backend/__init__.py \
+    && /opt/venv/bin/pip install $PIP_OPTIONS /src \
+    && /opt/venv/bin/pip uninstall -y peal-backend \
+    && /opt/venv/bin/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 
-# --- runtime: the base, the venv, the entry point; no wheels, no build files -----------------------
+# --- runtime: the base, the dependencies' venv, the project; no wheels, no build files --------------
 FROM ${BASE_IMAGE}
 
 ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PORT=9090 \
@@ -50,7 +54,13 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin peal \
     && mkdir -p /data/models \
     && chown peal:peal /data/models
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+# the project itself: no dependency to fetch (all in the venv), so no network and no index
+COPY setup.py /src/
+COPY peal_backend /src/peal_backend
+RUN pip install --no-deps --no-build-isolation /src \
+    && rm -rf /src \
+    && python -c "import torch, peal_backend.server, peal_backend.backbone; assert torch.__version__ == '2.13.0+cpu'"
 WORKDIR /app
 COPY _wsgi.py ./
 

