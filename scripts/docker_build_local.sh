@@ -63,11 +63,11 @@ make_wheelhouse() {
 
 step "base image" make_base
 step "wheelhouse" make_wheelhouse
-step "backend image" nice docker build -q -t peal-backend:latest --build-arg BASE_IMAGE="$BASE" \
+step "backend image" nice docker build -q --force-rm -t peal-backend:latest --build-arg BASE_IMAGE="$BASE" \
     --build-arg PIP_OPTIONS="--no-index --find-links /wheels" .
-step "label studio image" nice docker build -q -t peal-local/label-studio:1.23.2 \
+step "label studio image" nice docker build -q --force-rm -t peal-local/label-studio:1.23.2 \
     --build-arg BASE_IMAGE="$BASE" -f docker/labelstudio.Dockerfile docker/labelstudio
 # apt-get inside the build: Debian's mirror over plain http, on the host's network
-step "redis image" nice docker build -q --network host -t peal-local/redis:7 \
+step "redis image" nice docker build -q --force-rm --network host -t peal-local/redis:7 \
     --build-arg BASE_IMAGE="$BASE" - < docker/redis.Dockerfile
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^(peal-backend:latest|peal-local/)' | sed 's/^/[build] image /'
