@@ -163,7 +163,18 @@ def cmd_main(args) -> None:
     spec = importlib.util.spec_from_file_location("connect_backend", REPO / "examples" / "connect_backend.py")
     connect_backend = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(connect_backend)
-    ml_id = connect_backend.connect(client, pid, args.backend_internal)  # LS calls /health and /setup here
+    # Label Studio calls /health and /setup here and gives /setup 3 s; on a loaded 2-core machine the
+    # first /setup has taken just over that (seen once: "Read timed out"). Label Studio then refuses the
+    # connection and a user clicks again: so does this, twice at most, and says so.
+    from label_studio_sdk.core.api_error import ApiError
+    for attempt in range(1, 4):
+        try:
+            ml_id = connect_backend.connect(client, pid, args.backend_internal)
+            break
+        except ApiError as exc:
+            if attempt == 3 or exc.status_code != 400:
+                raise
+            log(f"connecting refused (attempt {attempt}): {str(exc.body)[:300]}; connecting again")
     hooks = [h.url for h in client.webhooks.list(project=str(pid))]
     if args.backend_internal.rstrip("/") + "/webhook" not in hooks:
         fail(f"Label Studio created no webhook for {args.backend_internal} (webhooks: {hooks})")
