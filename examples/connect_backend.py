@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL", "http://localhost:8080"), help="Label Studio URL")
     p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY", ""), help="Label Studio token")
-    p.add_argument("--backend", required=True, help="backend URL as Label Studio reaches it, e.g. http://backend:9090")
+    p.add_argument("--backend", required=True, help="backend URL as Label Studio reaches it, e.g. http://peal-backend.internal:9090 in docker-compose (a host with a dot: Label Studio creates no webhook for a dotless one)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--project", type=int, help="id of an existing project")
     group.add_argument("--title", help="create a project with this title and examples/label_config.xml")

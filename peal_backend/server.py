@@ -14,7 +14,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FuturesTimeout
 
-import requests
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -26,6 +25,7 @@ from .images import ImageFetcher
 from .jobs import QueueError
 from . import dashboard, learning
 from .monitoring import make_registry
+from .preflight import Preflight, PreflightError, label_studio_problem
 from .training import configure_torch
 from .labelstudio import LabelStudioError
 from .model import LabelConfigError, PayloadError, PealModel, project_id
@@ -89,7 +89,10 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
     configure_torch(settings)
     if unknown := unknown_variables():
         log.warning("ignoring environment variables that are no setting of peal-backend: %s", ", ".join(unknown))
+    preflight = Preflight(settings)
+
     def warm_up() -> None:
+        preflight.run_once()  # MODEL_DIR and LABEL_STUDIO_URL: logged now, named on /health and /setup
         # The first /setup comes from Label Studio, which gives up after 3 s: importing torch, transformers
         # and the training code and loading the backbone took longer than that on a busy 2-core machine.
         # Done at start, in the background (/health answers meanwhile).
@@ -185,6 +188,7 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         return jsonify(error=str(exc)), 400
 
     @app.errorhandler(BackboneLoadError)
+    @app.errorhandler(PreflightError)
     def backbone_error(exc):
         log.error("%s", exc)
         return jsonify(error=str(exc)), 503
@@ -223,8 +227,13 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
 
     @app.get("/health")
     def health():
-        return jsonify(status="UP", model_class="PealModel", version=__version__, backbone=settings.backbone,
-                       adapter=settings.adapter, strategy=settings.strategy)
+        # DEGRADED, with the problems, still answers 200: Label Studio then goes on to /setup, whose error
+        # names the problem where the user connects; the image's HEALTHCHECK fails on it (docker ps: unhealthy)
+        preflight.refresh()
+        problems = preflight.problems()
+        return jsonify(status="DEGRADED" if problems else "UP", model_class="PealModel", version=__version__,
+                       backbone=settings.backbone, adapter=settings.adapter, strategy=settings.strategy,
+                       **({"problems": problems} if problems else {}))
 
     setup_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peal-setup-check")
 
@@ -234,15 +243,8 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         if not settings.label_studio_api_key:
             return  # refused by setup() itself, whether or not this check finishes in time
         from .labelstudio import LabelStudio
-        try:  # Label Studio's own /health needs no token: tells an unreachable URL from a refused token
-            requests.get(settings.label_studio_url.rstrip("/") + "/health", timeout=SETUP_CHECK_SECONDS,
-                         allow_redirects=False)
-        except requests.ConnectionError as exc:
-            raise LabelStudioUnreachable(
-                f"cannot reach Label Studio at LABEL_STUDIO_URL={hide_url_secrets(settings.label_studio_url)} "
-                f"({type(exc).__name__}): set it to an address of Label Studio that this backend can reach") from None
-        except requests.RequestException:
-            return  # slow, not absent: leave it to the training to report
+        if problem := label_studio_problem(settings.label_studio_url, timeout=SETUP_CHECK_SECONDS):
+            raise LabelStudioUnreachable(problem)
         quick = LabelStudio(settings.label_studio_url, settings.label_studio_api_key, timeout=SETUP_CHECK_SECONDS, retries=0)
         try:
             quick.project(pid)
@@ -261,6 +263,8 @@ def create_app(settings: Settings | None = None, queue=None) -> Flask:
         started = time.perf_counter()
         data = body()
         pid = project_id(data.get("project"))
+        if problem := preflight.check_model_dir():  # no version could be saved: say so now, not at training
+            raise PreflightError(problem)
         model = get_model()
         version = model.setup(pid, data.get("schema") or data.get("label_config"))
         # What would make the first training fail minutes later, answered now, where Label Studio shows
