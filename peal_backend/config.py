@@ -73,10 +73,13 @@ class Settings:
     device: str = _env("PEAL_DEVICE", "cpu", "Torch device: cpu, cuda, cuda:0, ...")
     precision: str = _env("PEAL_PRECISION", "fp32", "Inference precision: fp32, bf16 (autocast) or auto (bf16 where the CPU supports it).",
                           str, ("fp32", "bf16", "auto"))
-    runtime: str = _env("PEAL_RUNTIME", "auto", "What runs the frozen first pass (the backbone's frozen blocks over every image, "
+    runtime: str = _env("PEAL_RUNTIME", "torch", "What runs the frozen first pass (the backbone's frozen blocks over every image, "
                         "filling the activation cache): torch (in PEAL_PRECISION) or onnxruntime (the frozen blocks exported to "
-                        "ONNX once per process, float32). auto: onnxruntime on a CPU unless bf16 is enabled (PEAL_PRECISION), torch "
-                        "otherwise. On a GPU, or where ONNX Runtime is missing, torch runs (with a log line). Adapted blocks always run in torch.",
+                        "ONNX once per process, float32: 1.3x to 1.7x torch fp32 on a CPU without bf16, BENCHMARKS.md). auto: "
+                        "onnxruntime on a CPU unless bf16 is enabled (PEAL_PRECISION), torch otherwise. On a GPU, or where ONNX "
+                        "Runtime is missing, torch runs (with a log line). Adapted blocks always run in torch. Not the default yet: "
+                        "the export runs inside each process's first job, and with it on, a test worker's first job lost its 2 s "
+                        "lease once on the loaded CI machine; the export is the suspect, not confirmed.",
                         str, ("auto", "torch", "onnxruntime"))
     threshold: float = _env("PEAL_THRESHOLD", 0.5, "Multiple-choice configs: choices with probability above this are predicted.", float)
 
