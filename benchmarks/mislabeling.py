@@ -78,8 +78,7 @@ def references(x: np.ndarray, noisy: np.ndarray, n_classes: int, seed: int) -> d
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     probs = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), x, noisy, cv=folds,
                               method="predict_proba")
-    out = {"scikit-learn cross_val_predict + same score":
-           quality.adjusted_margin_scores(probs, noisy, quality.confident_thresholds(probs, noisy, n_classes))}
+    out = {"scikit-learn cross_val_predict + same score": quality.self_confidence_scores(probs, noisy)}
     try:
         from cleanlab.rank import get_label_quality_scores
     except ImportError:
@@ -106,7 +105,10 @@ def detection(name: str, settings: Settings, seeds: int, n_labeled: int, cache: 
         seeded = dataclasses.replace(prep, data=dataclasses.replace(data, train_labels=labels))
         result = sim.simulated_cycle(seeded, settings.replace(seed=seed), labeled)
         seconds.append(result.metrics["mislabeling_seconds"])
-        scores = {"backend (run_cycle)": result.mislabeling.scores}
+        probs = result.mislabeling.probs
+        scores = {"backend (run_cycle)": result.mislabeling.scores,
+                  "backend's probabilities, threshold-adjusted margin (the score before)":
+                  quality.adjusted_margin_scores(probs, noisy, quality.confident_thresholds(probs, noisy, data.n_classes))}
         scores.update(references(frozen_features(prep, settings, labeled), noisy, data.n_classes, seed))
         for method, s in scores.items():
             ratios.setdefault(method, []).append(top_ratio(s, flipped))
@@ -176,7 +178,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    settings = Settings(backbone="peal-mini", adapter="linear", strategy="margin")
+    settings = Settings(backbone="peal-mini", adapter="linear", strategy="margin", mislabeling=True,
+                        duplicate_similarity=0.98)
     if args.combine:
         parts = [json.loads((args.combine / f"{n}.json").read_text()) for n in DATASETS
                  if (args.combine / f"{n}.json").exists()]
@@ -221,9 +224,11 @@ def report(parts: list[dict], settings: Settings) -> str:
         f"(peal-mini features, {labeled} labeled items of a {TRAIN:,}-image train subsample, {FLIP:.0%} of their "
         f"labels flipped to another class at random, {seeds} seeds; {cleanlab_note} Datasets may run as parallel "
         "processes with `--datasets NAME --parts DIR`, then `--combine DIR`.)", "",
-        "The backend's `mislabeling` (confident learning on 5-fold out-of-sample probabilities of its own head, "
-        "`peal_backend/quality.py`) through `cycle.run_cycle`, against scikit-learn's `cross_val_predict` "
-        "with the same score, and cleanlab's scores on those probabilities. 1.0x is chance: "
+        "The backend's `mislabeling` (self-confidence: 1 - the probability of the given label from 5-fold "
+        "out-of-sample fits of its own head, `peal_backend/quality.py`) through `cycle.run_cycle`; the "
+        "threshold-adjusted margin of confident learning on the same probabilities (the backend's score before "
+        "this run); scikit-learn's `cross_val_predict` with the same score; cleanlab's scores on scikit-learn's "
+        "probabilities (cleanlab 2.9.0 installed beside the venv for this run, not a dependency). 1.0x is chance: "
         "the share of flipped labels among the 10 % highest scores divided by the 10 % base rate.", "",
         *table, "",
         f"Time of `mislabeling_scores` inside the cycle at {labeled} labels (median over seeds, on the shared 2-core "

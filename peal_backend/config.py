@@ -126,7 +126,7 @@ class Settings:
 
     # --- Label quality (Label Studio's `mislabeling` and `neighbors` prediction fields) -------------------
     mislabeling: bool = _env("PEAL_MISLABELING", False, "After each training, score every labeled task for how likely its label is "
-                             "wrong (confident learning on out-of-sample predictions of the head, 5-fold) and write it into Label "
+                             "wrong (1 - the out-of-sample probability of its label from 5-fold fits of the head) and write it into Label "
                              "Studio's `mislabeling` on a `peal-quality-vN` prediction (README, \"Review labels\"). Off by "
                              "default: the five head fits run inside the cycle (tens of seconds at a few hundred labels on "
                              "the 2-core machine) and delay the queue's freshness.", bool)
