@@ -7,12 +7,12 @@ Paired differences in test accuracy (same seed, same label count) with 95 % CIs 
 """
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import queue_order_report
 from benchmarks.queue_order_report import paired
 
 DEFAULT = Path("benchmarks/results/freshness_cost")
@@ -26,11 +26,8 @@ COMPARISONS = (
 
 
 def load(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("*/*/results.csv")):
-        with open(path, newline="") as f:
-            rows += list(csv.DictReader(f))
-    return rows
+    """Every run under folder/<comparison>/<dataset>/results.csv."""
+    return [r for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for r in queue_order_report.load(sub)]
 
 
 def curve(rows: list[dict]) -> dict[int, dict[int, tuple[float, float]]]:

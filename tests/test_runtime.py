@@ -92,16 +92,21 @@ def test_gpu_device_keeps_torch_with_a_log_line(caplog, tiny_backbone):
     assert "PEAL_RUNTIME=onnxruntime" in caplog.text and "PEAL_DEVICE=cuda:0" in caplog.text
 
 
-def test_missing_onnxruntime_falls_back_to_torch_with_a_log_line(monkeypatch, caplog, tiny_backbone):
-    runtime._said.clear()
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+def assert_torch_ran_and_said(tiny_backbone, caplog, *said: str) -> None:
+    """PEAL_RUNTIME=onnxruntime asked for, torch's activations come back, and the log says each of `said`."""
     s = Settings(backbone=tiny_backbone, adapter="linear", runtime="onnxruntime")
     clf = build_classifier(s, 3).eval()
     px = torch.randn(3, 3, 28, 28)
     with caplog.at_level(logging.WARNING, logger="peal_backend.runtime"):
         out = frozen_activations(clf, px, s)
     np.testing.assert_allclose(out, frozen_activations(clf, px, s.replace(runtime="torch")), atol=1e-6)
-    assert "PEAL_RUNTIME=onnxruntime" in caplog.text and "runs in torch" in caplog.text
+    assert all(text in caplog.text for text in said)
+
+
+def test_missing_onnxruntime_falls_back_to_torch_with_a_log_line(monkeypatch, caplog, tiny_backbone):
+    runtime._said.clear()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    assert_torch_ran_and_said(tiny_backbone, caplog, "PEAL_RUNTIME=onnxruntime", "runs in torch")
 
 
 def test_failed_export_falls_back_to_torch_with_a_log_line(monkeypatch, caplog, tiny_backbone):
@@ -109,13 +114,7 @@ def test_failed_export_falls_back_to_torch_with_a_log_line(monkeypatch, caplog, 
         raise RuntimeError("unsupported operator")
     monkeypatch.setattr(runtime, "export_onnx", broken)
     monkeypatch.setattr(runtime, "_sessions", {})
-    s = Settings(backbone=tiny_backbone, adapter="linear", runtime="onnxruntime")
-    clf = build_classifier(s, 3).eval()
-    px = torch.randn(3, 3, 28, 28)
-    with caplog.at_level(logging.WARNING, logger="peal_backend.runtime"):
-        out = frozen_activations(clf, px, s)
-    np.testing.assert_allclose(out, frozen_activations(clf, px, s.replace(runtime="torch")), atol=1e-6)
-    assert "unsupported operator" in caplog.text and "runs in torch" in caplog.text
+    assert_torch_ran_and_said(tiny_backbone, caplog, "unsupported operator", "runs in torch")
 
 
 def test_unknown_runtime_is_refused_naming_the_variable():
