@@ -133,17 +133,19 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 
 def build_corpus(args, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict]:
     """Each source as a (N, 28, 28, 3) uint8 array, and a record of where it came from."""
-    sources, record = {}, {}
-    sources["fashion_mnist"] = to_rgb(load_fmnist())
-    record["fashion_mnist"] = {"file": str(FMNIST_FILE), "sha256": sha256(FMNIST_FILE),
-                               "images": len(sources["fashion_mnist"])}
-    files = wallpaper_files()
-    if not files:
-        sys.exit("no wallpapers found: install " + " ".join(DEBIAN_PACKAGES[1:]) + " (or run with --install-packages)")
-    sources["wallpapers"] = wallpaper_crops(files, args.crops_per_wallpaper, args.image_size, rng)
-    listing = "\n".join(f"{p} {sha256(p)}" for p in files)
-    record["wallpapers"] = {"files": len(files), "crops": len(sources["wallpapers"]),
-                            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    sources, record = {}, {}  # a source with sampling weight 0 is not loaded (nor needed on the machine)
+    if args.w_fmnist > 0:
+        sources["fashion_mnist"] = to_rgb(load_fmnist())
+        record["fashion_mnist"] = {"file": str(FMNIST_FILE), "sha256": sha256(FMNIST_FILE),
+                                   "images": len(sources["fashion_mnist"])}
+    if args.w_wallpapers > 0:
+        files = wallpaper_files()
+        if not files:
+            sys.exit("no wallpapers found: install " + " ".join(DEBIAN_PACKAGES[1:]) + " (or run with --install-packages)")
+        sources["wallpapers"] = wallpaper_crops(files, args.crops_per_wallpaper, args.image_size, rng)
+        listing = "\n".join(f"{p} {sha256(p)}" for p in files)
+        record["wallpapers"] = {"files": len(files), "crops": len(sources["wallpapers"]),
+                                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     for name in DOMAIN_SETS:
         path = SHARED / f"{name}.npz"
         with np.load(path) as d:
@@ -248,10 +250,19 @@ class Network(nn.Module):
         self.pixel_head = (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, patch * patch * 3))
                            if pixel else None)
 
+    bf16 = False  # set by train(): forward under bfloat16 autocast (AVX512-BF16/AMX CPUs), outputs in float32
+
     def forward(self, x, mask=None):
-        """(CLS prototype logits, CLS token, patch tokens)."""
-        h = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
-        return self.cls_head(h[:, 0]), h[:, 0], h[:, 1:]
+        """(CLS prototype logits, CLS token, patch tokens), float32."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            h = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
+            logits = self.cls_head(h[:, 0])
+        return logits.float(), h[:, 0].float(), h[:, 1:].float()
+
+    def head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A projection or pixel head applied under the same autocast as the backbone."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return head(x).float()
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -310,7 +321,7 @@ def ibot_loss(student_patch, tp, s_temp) -> torch.Tensor:
 
 def pixel_loss(net: "Network", patch_tokens: torch.Tensor, view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked pixel prediction: MSE between the pixel head on the masked tokens and the pixels under them."""
-    return F.mse_loss(net.pixel_head(patch_tokens[mask]), patchify(view, net.backbone.config.patch_size)[mask])
+    return F.mse_loss(net.head(net.pixel_head, patch_tokens[mask]), patchify(view, net.backbone.config.patch_size)[mask])
 
 
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
@@ -339,6 +350,37 @@ def cosine(step: int, total: int, start: float, end: float, warmup: int = 0) -> 
 
 
 # ------------------------------------------------------------------------------------- training
+STATE_FILE = "training_state.pt"
+# arguments a resumed run may change: where it writes, how often it logs and saves, how many threads
+RESUMABLE_CHANGES = {"out", "resume", "checkpoint_dir", "checkpoint_every", "log_every", "threads", "install_packages",
+                     "save_dtype"}
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Everything a run needs to go on (both networks, optimiser, centres, every RNG), written atomically:
+    a run killed while saving leaves the previous state whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_state(path: Path) -> Path:
+    """--resume takes the state file itself or the checkpoint folder holding it."""
+    state = path / STATE_FILE if path.is_dir() else path
+    if not state.is_file():
+        sys.exit(f"--resume {path}: no {STATE_FILE} there (checkpoints write it every --checkpoint-every steps)")
+    return state
+
+
+def check_resumable(saved: dict, now: dict) -> None:
+    """A resumed run must be the same run: refuse if a training argument changed (the schedule depends on them)."""
+    changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if changed:
+        sys.exit("--resume: these arguments differ from the saved run's (saved, now): "
+                 + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in sorted(changed.items())))
+
+
 def sample_batch(sources: dict[str, np.ndarray], weights: dict[str, float], n: int,
                  rng: np.random.Generator) -> torch.Tensor:
     names = list(weights)
@@ -356,8 +398,9 @@ def train(args) -> None:
     t_start = time.time()
     sources, corpus = build_corpus(args, rng)
     print("corpus:", {k: len(v) for k, v in sources.items()}, f"({time.time() - t_start:.0f}s)", flush=True)
-    weights = {"fashion_mnist": args.w_fmnist, "wallpapers": args.w_wallpapers,
-               "retinamnist": args.w_domain / 2, "pneumoniamnist": args.w_domain / 2}
+    weights = {name: w for name, w in (("fashion_mnist", args.w_fmnist), ("wallpapers", args.w_wallpapers),
+                                       ("retinamnist", args.w_domain / 2), ("pneumoniamnist", args.w_domain / 2))
+               if w > 0}
 
     from transformers import Dinov2Model
 
@@ -392,8 +435,24 @@ def train(args) -> None:
     num_patches = (args.image_size // args.patch) ** 2
     warmup = max(1, int(args.warmup_frac * args.steps))
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
-    log, t_train = [], time.time()
-    for step in range(args.steps):
+    log, t_train, first = [], time.time(), 0
+    student.bf16 = teacher.bf16 = args.bf16
+    if args.resume:
+        state_file = latest_state(Path(args.resume))
+        state = torch.load(state_file, weights_only=False)
+        check_resumable(state["args"], vars(args))
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        opt.load_state_dict(state["opt"])
+        center.copy_(state["center"])
+        patch_center.copy_(state["patch_center"])
+        rng.bit_generator.state = state["numpy_rng"]
+        g.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        log, first = state["loss_log"], state["step"] + 1
+        t_train -= state["elapsed_s"]
+        print(f"resumed from {state_file} at step {first}", flush=True)
+    for step in range(first, args.steps):
         lr = args.lr * (step + 1) / warmup if step < warmup else cosine(step, args.steps, args.lr, args.min_lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -417,7 +476,7 @@ def train(args) -> None:
                 t_out = [teacher(v) for v in glob]
                 t_cls = [o[0] for o in t_out]
                 # the patch heads only see masked tokens: the loss ignores the others
-                t_patch = [teacher.patch_head(o[2][m]) for o, m in zip(t_out, masks)]
+                t_patch = [teacher.head(teacher.patch_head, o[2][m]) for o, m in zip(t_out, masks)]
                 if args.centering == "sinkhorn":
                     t_cls_p = [sinkhorn_knopp(t, t_temp) for t in t_cls]
                     t_patch_p = [sinkhorn_knopp(t, t_temp) if len(t) else t for t in t_patch]
@@ -427,7 +486,7 @@ def train(args) -> None:
             s_glob = [student(v, m) for v, m in zip(glob, masks)]
             s_cls = [o[0] for o in s_glob] + [student(v)[0] for v in local]
             loss_dino = dino_loss(s_cls, t_cls_p, args.student_temp)
-            loss_ibot = sum(ibot_loss(student.patch_head(o[2][m]), tp, args.student_temp)
+            loss_ibot = sum(ibot_loss(student.head(student.patch_head, o[2][m]), tp, args.student_temp)
                             for o, tp, m in zip(s_glob, t_patch_p, masks)) / len(glob)
             loss_koleo = sum(koleo_loss(o[1]) for o in s_glob) / len(glob)
             loss_pixel = (sum(pixel_loss(student, o[2], v, m) for o, v, m in zip(s_glob, glob, masks) if m.any())
@@ -461,6 +520,11 @@ def train(args) -> None:
             print(json.dumps(rec), flush=True)
         if args.checkpoint_dir and step and step % args.checkpoint_every == 0:
             ckpt = Path(args.checkpoint_dir) / f"step{step}"
+            save_state(Path(args.checkpoint_dir) / STATE_FILE, {
+                "step": step, "args": vars(args), "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "opt": opt.state_dict(), "center": center, "patch_center": patch_center,
+                "numpy_rng": rng.bit_generator.state, "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
+                "loss_log": log, "elapsed_s": time.time() - t_train})
             save_backbone(final.backbone, ckpt, args.save_dtype)
             (ckpt / "PROVENANCE.json").write_text(json.dumps(
                 {"checkpoint_of": command,
@@ -547,6 +611,10 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint-dir", default="", help="also save the backbone that --out gets (teacher; student with --objective pixel) "
                          "here every --checkpoint-every steps, with its provenance")
     ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--bf16", action="store_true",
+                    help="forward passes under bfloat16 autocast (several times faster on AVX512-BF16/AMX CPUs)")
+    ap.add_argument("--resume", default="",
+                    help=f"go on from a checkpoint folder's {STATE_FILE} (same arguments; --steps may not change)")
     ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float16",
                     help="dtype the weights are stored in (float16: about 5 MB)")
     return ap.parse_args(argv)

@@ -1,0 +1,50 @@
+"""The pretraining script survives an interrupted run: a run resumed from its last checkpoint's
+training state ends with the same weights and loss log as one that was never stopped, and a resume
+with changed training arguments is refused. Tiny model, the shared train pools only, real script."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from tests.conftest import DATASETS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "32", "--depth", "1", "--heads", "2", "--batch-size", "8", "--local-crops", "2",
+        "--out-dim", "64", "--steps", "4", "--log-every", "1", "--freeze-last-steps", "1",
+        "--w-fmnist", "0", "--w-wallpapers", "0", "--threads", "1", "--pixel-weight", "1",
+        "--save-dtype", "float32"]
+
+
+def pretrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PEAL_DATASETS": str(DATASETS)}
+    return subprocess.run([sys.executable, str(REPO / "scripts/pretrain_peal_mini.py"), *TINY, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=check)
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    pretrain("--out", str(tmp_path / "whole"))
+    # the same run with checkpoints: its step-2 training state is what a run killed at step 3 leaves
+    pretrain("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--out", str(tmp_path / "first"))
+    resumed = pretrain("--resume", str(tmp_path / "ckpt"), "--out", str(tmp_path / "resumed"))
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    again = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == again.keys()
+    assert all((whole[k] == again[k]).all() for k in whole)
+    log_whole = json.loads((tmp_path / "whole" / "PROVENANCE.json").read_text())["loss_log"]
+    log_resumed = json.loads((tmp_path / "resumed" / "PROVENANCE.json").read_text())["loss_log"]
+    strip = lambda log: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in log]  # noqa: E731
+    assert strip(log_whole) == strip(log_resumed) and len(log_whole) == 4
+
+
+def test_resume_with_changed_training_arguments_is_refused(tmp_path):
+    pretrain("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--out", str(tmp_path / "a"))
+    changed = pretrain("--resume", str(tmp_path / "ckpt"), "--lr", "1e-3", "--out", str(tmp_path / "b"), check=False)
+    assert changed.returncode != 0 and "lr=" in changed.stderr
+    missing = pretrain("--resume", str(tmp_path / "nothing"), "--out", str(tmp_path / "c"), check=False)
+    assert missing.returncode != 0 and "training_state.pt" in missing.stderr
