@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-benchmarks/results/queue_order}
+BACKBONE=${BACKBONE:-peal-mini}
+OUT=${OUT:-benchmarks/results/queue_order$([ "$BACKBONE" = peal-mini ] || echo "-$BACKBONE")}
 PY=${PY:-.venv/bin/python}
 export PEAL_LORA_LAST_K=${PEAL_LORA_LAST_K:-2}   # LoRA on the last 2 of peal-mini's 6 blocks (frozen prefix cached)
 export PEAL_CLUSTERS=${PEAL_CLUSTERS:--1}        # Label Studio's cluster rule off unless a stage turns it on
@@ -22,7 +23,7 @@ sim() {  # dataset, then simulate flags
   local data=$1; shift
   local extra=()
   [ "$data" = fashion-mnist ] && extra=(--limit-train 20000 --limit-test 2000)
-  nice -n 10 "$PY" -m peal_backend.cli simulate --backbone peal-mini --data "$data" --cycles 20 --threads 1 --quiet \
+  nice -n 10 "$PY" -m peal_backend.cli simulate --backbone "$BACKBONE" --data "$data" --cycles 20 --threads 1 --quiet \
     --out "$OUT/$data" "${extra[@]}" "$@"
 }
 # Fashion-MNIST's 20k pool makes a cycle ~10x dearer: the policy candidates and the classics only

@@ -250,18 +250,22 @@ class Network(nn.Module):
         self.pixel_head = (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, patch * patch * 3))
                            if pixel else None)
 
-    bf16 = False  # set by train(): forward under bfloat16 autocast (AVX512-BF16/AMX CPUs), outputs in float32
+    bf16 = False  # set by train(): forward under bfloat16 autocast (AVX512-BF16 CPUs, GPUs), outputs in float32
+
+    @property
+    def device_type(self) -> str:
+        return next(self.parameters()).device.type
 
     def forward(self, x, mask=None):
         """(CLS prototype logits, CLS token, patch tokens), float32."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
             h = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
             logits = self.cls_head(h[:, 0])
         return logits.float(), h[:, 0].float(), h[:, 1:].float()
 
     def head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A projection or pixel head applied under the same autocast as the backbone."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
             return head(x).float()
 
 
@@ -277,7 +281,7 @@ def save_backbone(backbone, out: Path, dtype: str = "float16") -> None:
     the backend loads it back in float32)."""
     import copy
 
-    model = copy.deepcopy(backbone).to(getattr(torch, dtype))
+    model = copy.deepcopy(backbone).to("cpu", getattr(torch, dtype))
     model.config.drop_path_rate = 0.0
     model.save_pretrained(out, safe_serialization=True)
 
@@ -324,6 +328,16 @@ def pixel_loss(net: "Network", patch_tokens: torch.Tensor, view: torch.Tensor, m
     return F.mse_loss(net.head(net.pixel_head, patch_tokens[mask]), patchify(view, net.backbone.config.patch_size)[mask])
 
 
+def info_nce(a: torch.Tensor, b: torch.Tensor, temp: float) -> torch.Tensor:
+    """SimCLR's NT-Xent: each view must pick its partner among the other 2n - 1 views (rows L2-normalised)."""
+    z = torch.cat([a, b])
+    sim = z @ z.t() / temp
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    n = len(a)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, partner)
+
+
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
     """Teacher targets with equipartition over the batch (DINOv2's centering): rows sum to 1."""
     q = torch.exp((logits - logits.max()) / temp).t()  # prototypes x samples
@@ -339,7 +353,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Kozachenko-Leonenko entropy regulariser (DINOv2): push each feature away from its nearest neighbour."""
     x = F.normalize(x, dim=-1)
     d = torch.cdist(x, x)
-    d = d + torch.eye(len(x)) * 1e4
+    d = d + torch.eye(len(x), device=x.device) * 1e4
     return -torch.log(d.min(dim=1).values + eps).mean()
 
 
@@ -351,9 +365,9 @@ def cosine(step: int, total: int, start: float, end: float, warmup: int = 0) -> 
 
 # ------------------------------------------------------------------------------------- training
 STATE_FILE = "training_state.pt"
-# arguments a resumed run may change: where it writes, how often it logs and saves, how many threads
+# arguments a resumed run may change: where it writes, how often it logs and saves, what it runs on
 RESUMABLE_CHANGES = {"out", "resume", "checkpoint_dir", "checkpoint_every", "log_every", "threads", "install_packages",
-                     "save_dtype"}
+                     "save_dtype", "device"}
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -375,7 +389,8 @@ def latest_state(path: Path) -> Path:
 
 def check_resumable(saved: dict, now: dict) -> None:
     """A resumed run must be the same run: refuse if a training argument changed (the schedule depends on them)."""
-    changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    # an argument the saved run did not have yet was added later: its default keeps the old behaviour
+    changed = {k: (saved[k], v) for k, v in now.items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v}
     if changed:
         sys.exit("--resume: these arguments differ from the saved run's (saved, now): "
                  + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in sorted(changed.items())))
@@ -416,12 +431,14 @@ def train(args) -> None:
         stage = Path(args.init_from) / "PROVENANCE.json"
         if stage.exists():
             init["provenance"] = json.loads(stage.read_text())
-    teacher = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel)
+    device = torch.device(args.device)
+    student.to(device)
+    teacher = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.eval()  # no drop-path in the teacher
     for p in teacher.parameters():
         p.requires_grad = False
-    final = student if args.objective == "pixel" else teacher  # the network whose backbone is saved
+    final = teacher if args.objective == "dino" else student  # the network whose backbone is saved
     n_params = sum(p.numel() for p in student.backbone.parameters())
     print(f"backbone parameters: {n_params:,}", flush=True)
 
@@ -430,8 +447,8 @@ def train(args) -> None:
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    center = torch.zeros(1, args.out_dim)
-    patch_center = torch.zeros(1, args.out_dim)
+    center = torch.zeros(1, args.out_dim, device=device)
+    patch_center = torch.zeros(1, args.out_dim, device=device)
     num_patches = (args.image_size // args.patch) ** 2
     warmup = max(1, int(args.warmup_frac * args.steps))
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
@@ -439,7 +456,7 @@ def train(args) -> None:
     student.bf16 = teacher.bf16 = args.bf16
     if args.resume:
         state_file = latest_state(Path(args.resume))
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=False, map_location=device)
         check_resumable(state["args"], vars(args))
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
@@ -448,7 +465,9 @@ def train(args) -> None:
         patch_center.copy_(state["patch_center"])
         rng.bit_generator.state = state["numpy_rng"]
         g.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         log, first = state["loss_log"], state["step"] + 1
         t_train -= state["elapsed_s"]
         print(f"resumed from {state_file} at step {first}", flush=True)
@@ -459,18 +478,32 @@ def train(args) -> None:
         momentum = cosine(step, args.steps, args.ema, 1.0)
         t_temp = args.teacher_temp if step >= warmup else 0.04 + (args.teacher_temp - 0.04) * step / warmup
         batch = sample_batch(sources, weights, args.batch_size, rng)
-        glob, local = multi_crop(batch, args, g)
-        masks = [random_masks(args.batch_size, num_patches, g, args.mask_prob) for _ in glob]
+        glob, local = multi_crop(batch, args, g)  # augmentations run on the CPU, with the CPU generator
+        masks = [random_masks(args.batch_size, num_patches, g, args.mask_prob).to(device) for _ in glob]
+        glob, local = [v.to(device) for v in glob], [v.to(device) for v in local]
         if args.objective == "pixel":
             # masked image modelling alone (SimMIM): one masked global view, raw pixel targets, no teacher
             view = glob[0]
-            m = torch.rand(args.batch_size, num_patches, generator=g).argsort(1).argsort(1) < int(args.mask_ratio * num_patches)
+            m = (torch.rand(args.batch_size, num_patches, generator=g).argsort(1).argsort(1)
+                 < int(args.mask_ratio * num_patches)).to(device)
             out = student(view, m)
             loss_pixel = pixel_loss(student, out[2], view, m)
             loss_koleo = koleo_loss(out[1])
             loss = loss_pixel + args.koleo_weight * loss_koleo
-            loss_dino = loss_ibot = torch.zeros(())
-            t_cls_p = [torch.full((1, args.out_dim), 1.0 / args.out_dim)]
+            loss_dino = loss_ibot = torch.zeros((), device=device)
+            t_cls_p = [torch.full((1, args.out_dim), 1.0 / args.out_dim, device=device)]
+        elif args.objective == "contrastive":
+            # SimCLR's InfoNCE between the two global views' CLS embeddings (no teacher, no prototypes), plus
+            # masked pixel prediction on the masked views when --pixel-weight > 0
+            outs = [student(v, m if use_pixel else None) for v, m in zip(glob, masks)]
+            z = [F.normalize(student.head(student.cls_head.mlp, o[1]), dim=-1) for o in outs]
+            loss_dino = info_nce(z[0], z[1], args.contrastive_temp)  # logged in the "dino" column
+            loss_koleo = sum(koleo_loss(o[1]) for o in outs) / len(outs)
+            loss_pixel = (sum(pixel_loss(student, o[2], v, m) for o, v, m in zip(outs, glob, masks) if m.any())
+                          / len(glob) if use_pixel else torch.zeros((), device=device))
+            loss = loss_dino + args.koleo_weight * loss_koleo + args.pixel_weight * loss_pixel
+            loss_ibot = torch.zeros((), device=device)
+            t_cls_p = [F.softmax(z[0] @ z[1].t() / args.contrastive_temp, dim=-1).detach()]
         else:
             with torch.no_grad():
                 t_out = [teacher(v) for v in glob]
@@ -490,7 +523,7 @@ def train(args) -> None:
                             for o, tp, m in zip(s_glob, t_patch_p, masks)) / len(glob)
             loss_koleo = sum(koleo_loss(o[1]) for o in s_glob) / len(glob)
             loss_pixel = (sum(pixel_loss(student, o[2], v, m) for o, v, m in zip(s_glob, glob, masks) if m.any())
-                          / len(glob) if use_pixel else torch.zeros(()))
+                          / len(glob) if use_pixel else torch.zeros((), device=device))
             loss = (loss_dino + args.ibot_weight * loss_ibot + args.koleo_weight * loss_koleo
                     + args.pixel_weight * loss_pixel)
         opt.zero_grad(set_to_none=True)
@@ -504,7 +537,7 @@ def train(args) -> None:
         with torch.no_grad():
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
-            if args.objective != "pixel":
+            if args.objective == "dino":
                 center.mul_(0.9).add_(torch.cat(t_cls).mean(0, keepdim=True), alpha=0.1)
                 patch_center.mul_(0.9).add_(torch.cat(t_patch).mean(0, keepdim=True), alpha=0.1)
 
@@ -524,6 +557,7 @@ def train(args) -> None:
                 "step": step, "args": vars(args), "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "opt": opt.state_dict(), "center": center, "patch_center": patch_center,
                 "numpy_rng": rng.bit_generator.state, "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "loss_log": log, "elapsed_s": time.time() - t_train})
             save_backbone(final.backbone, ckpt, args.save_dtype)
             (ckpt / "PROVENANCE.json").write_text(json.dumps(
@@ -538,10 +572,11 @@ def train(args) -> None:
     save_backbone(final.backbone, out, args.save_dtype)
     tail = log[-5:] if len(log) >= 5 else log
     provenance = {
-        "model": "peal-mini",
-        "architecture": ("transformers Dinov2Model (student backbone after masked pixel prediction)"
-                         if args.objective == "pixel" else
-                         "transformers Dinov2Model (teacher backbone after DINO+iBOT self-distillation)"),
+        "model": args.model_name,
+        "architecture": "transformers Dinov2Model (" + {
+            "pixel": "student backbone after masked pixel prediction",
+            "contrastive": "student backbone after contrastive (InfoNCE) learning between two views",
+            "dino": "teacher backbone after DINO+iBOT self-distillation"}[args.objective] + ")",
         "parameters": n_params,
         "command": command,
         "args": vars(args),
@@ -556,7 +591,8 @@ def train(args) -> None:
         "loss_log": log,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": __import__("transformers").__version__, "threads": args.threads,
-                        "cpu": platform.processor() or platform.machine()},
+                        "cpu": platform.processor() or platform.machine(), "device": args.device,
+                        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
         "model_sha256": sha256(out / "model.safetensors"),
     }
     (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -566,6 +602,7 @@ def train(args) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "peal_backend/backbones/peal-mini"))
+    ap.add_argument("--model-name", default="peal-mini", help="the name PROVENANCE.json gives the weights")
     ap.add_argument("--install-packages", action="store_true", help="apt-get install the corpus packages if missing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy shared CPU (no OpenMP barrier stalls)")
@@ -594,7 +631,8 @@ def parse_args(argv=None):
                     help="masked pixel prediction (raw normalised pixels of masked patches): keeps intensity")
     ap.add_argument("--centering", choices=("sinkhorn", "ema"), default="ema",
                     help="teacher targets: Sinkhorn-Knopp equipartition (DINOv2) or DINO's EMA centre")
-    ap.add_argument("--objective", choices=("dino", "pixel"), default="dino",
+    ap.add_argument("--contrastive-temp", type=float, default=0.2, help="InfoNCE temperature (--objective contrastive)")
+    ap.add_argument("--objective", choices=("dino", "pixel", "contrastive"), default="dino",
                     help="dino: DINO + iBOT self-distillation (+ --pixel-weight); pixel: masked pixel prediction only")
     ap.add_argument("--mask-prob", type=float, default=0.5, help="share of images masked (iBOT, dino objective)")
     ap.add_argument("--init-from", default="", help="start the backbone from this save_pretrained folder")
@@ -611,6 +649,7 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint-dir", default="", help="also save the backbone that --out gets (teacher; student with --objective pixel) "
                          "here every --checkpoint-every steps, with its provenance")
     ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (augmentations stay on the CPU)")
     ap.add_argument("--bf16", action="store_true",
                     help="forward passes under bfloat16 autocast (several times faster on AVX512-BF16/AMX CPUs)")
     ap.add_argument("--resume", default="",

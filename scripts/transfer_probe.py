@@ -1,20 +1,21 @@
 #!/usr/bin/env python
-"""Linear-probe transfer report: peal-mini vs a randomly initialised twin vs raw pixels.
+"""Linear-probe transfer report: shipped backbones vs a randomly initialised twin vs raw pixels.
 
-For each shared dataset and label budget (20, 50, 200, all train labels) and 5 seeds: draw that many
-labelled train images (one per class first, so every class is present, then at random), fit logistic
-regression on standardised frozen features, report test accuracy as mean ± std over the seeds.
-Features are the CLS token concatenated with the mean patch token, computed on ImageNet-normalised
-inputs resized to the backbone's image_size, as the backend feeds them; "pixels" is that same
-normalised input, flattened.
+For each dataset (RetinaMNIST and PneumoniaMNIST from the shared folder, Fashion-MNIST from Debian's
+package: its test split, labels drawn from a fixed 10,000-image subset of its train split), label
+budget and seed: draw that many labelled train images (one per class first, so every class is
+present, then at random), fit logistic regression on standardised frozen features, report test
+accuracy as mean ± std over the seeds. Features are the CLS token concatenated with the mean patch
+token, computed on ImageNet-normalised inputs resized to the backbone's image_size, as the backend
+feeds them; "pixels" is that same normalised input, flattened; "random init" is a randomly
+initialised model shaped as the first backbone.
 
-    python scripts/transfer_probe.py                       # prints the table
+    python scripts/transfer_probe.py                                   # peal-mini-2 and peal-mini
     python scripts/transfer_probe.py --backbone /tmp/ckpt --out report.md
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peal_backend.backbones import PEAL_MINI_DIR, cls_mean_features, to_pixel_values  # noqa: E402
+from peal_backend.backbones import BACKBONES_DIR, cls_mean_features, to_pixel_values  # noqa: E402
+from peal_backend.simulate import load_dataset  # noqa: E402
 
-SHARED = Path(os.environ.get("PEAL_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
-DATASETS = ("retinamnist", "pneumoniamnist")
-BUDGETS = (20, 50, 200, None)  # None: all train labels
+DATASETS = ("retinamnist", "pneumoniamnist", "fashion-mnist")
+TRAIN_LIMIT = {"fashion-mnist": 10_000}  # the pool labels are drawn from; the test split is whole
+BUDGETS = (20, 50, 200)  # None: all train labels
+DEFAULT_BACKBONES = ("peal-mini-2", "peal-mini")
 
 
 def draw_labelled(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -52,28 +55,34 @@ def probe_accuracy(train_x, train_y, test_x, test_y, C: float = 1.0) -> float:
     return float((clf.predict(test_x) == test_y).mean())
 
 
-def feature_sets(backbone: str | Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def backbone_folder(spec: str) -> Path:
+    """A shipped backbone's name (`peal-mini-2`) or a save_pretrained folder."""
+    return BACKBONES_DIR / spec if (BACKBONES_DIR / spec).is_dir() else Path(spec)
+
+
+def feature_sets(backbones: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
     import torch
     from transformers import Dinov2Model
 
-    model = Dinov2Model.from_pretrained(backbone, dtype=torch.float32)
+    feats, first = {}, None
+    for spec in backbones:
+        model = Dinov2Model.from_pretrained(backbone_folder(spec), dtype=torch.float32)
+        first = first or model
+        feats[Path(spec).name if Path(spec).name not in feats else spec] = cls_mean_features(model, images)
     torch.manual_seed(0)
-    twin = Dinov2Model(model.config)  # same shape, random initialisation
-    size = int(model.config.image_size)
-    return {
-        "peal-mini": cls_mean_features(model, images),
-        "random init": cls_mean_features(twin, images),
-        "pixels": to_pixel_values(images, size).flatten(1).numpy(),
-    }
+    twin = Dinov2Model(first.config)  # same shape as the first, random initialisation
+    feats["random init"] = cls_mean_features(twin, images)
+    feats["pixels"] = to_pixel_values(images, int(first.config.image_size)).flatten(1).numpy()
+    return feats
 
 
-def run(backbone, seeds: int, C: float, budgets=BUDGETS) -> list[dict]:
+def run(backbones: list[str], seeds: int, C: float, budgets=BUDGETS, datasets=DATASETS) -> list[dict]:
     rows = []
-    for name in DATASETS:
-        with np.load(SHARED / f"{name}.npz") as d:
-            tr_x, tr_y = d["train_images"], d["train_labels"].ravel()
-            te_x, te_y = d["test_images"], d["test_labels"].ravel()
-        feats = feature_sets(backbone, np.concatenate([tr_x, te_x]))
+    for name in datasets:
+        data = load_dataset(name, limit_train=TRAIN_LIMIT.get(name, 0))
+        tr_x, tr_y = np.asarray(data.train_images), np.asarray(data.train_labels).ravel()
+        te_x, te_y = np.asarray(data.test_images), np.asarray(data.test_labels).ravel()
+        feats = feature_sets(backbones, np.concatenate([tr_x, te_x]))
         for budget in budgets:
             for method, f in feats.items():
                 ftr, fte = f[: len(tr_x)], f[len(tr_x):]
@@ -98,11 +107,14 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default=str(PEAL_MINI_DIR), help="folder saved with save_pretrained")
+    ap.add_argument("--backbone", action="append",
+                    help="a shipped backbone's name or a save_pretrained folder; repeat to compare several "
+                         f"(default: {', '.join(DEFAULT_BACKBONES)})")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--budgets", default="20,50,200,all", help="label budgets, comma-separated; all = every train label")
+    ap.add_argument("--budgets", default="20,50,200", help="label budgets, comma-separated; all = every train label")
     ap.add_argument("--out", default="", help="also write the markdown table here")
     args = ap.parse_args(argv)
     import torch
@@ -110,7 +122,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     budgets = tuple(None if b == "all" else int(b) for b in args.budgets.split(","))
-    table = markdown(run(args.backbone, args.seeds, args.C, budgets))
+    table = markdown(run(args.backbone or list(DEFAULT_BACKBONES), args.seeds, args.C, budgets,
+                         tuple(args.datasets.split(","))))
     print(table)
     print(f"\n({time.time() - t0:.0f}s; test accuracy, mean ± std over {args.seeds} seeds, "
           f"logistic regression C={args.C} on standardised features)")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import DATASETS
@@ -26,11 +27,13 @@ def pretrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, check=check)
 
 
-def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
-    pretrain("--out", str(tmp_path / "whole"))
+@pytest.mark.parametrize("objective", ["dino", "contrastive"])
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, objective):
+    run = ("--objective", objective)
+    pretrain(*run, "--out", str(tmp_path / "whole"))
     # the same run with checkpoints: its step-2 training state is what a run killed at step 3 leaves
-    pretrain("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--out", str(tmp_path / "first"))
-    resumed = pretrain("--resume", str(tmp_path / "ckpt"), "--out", str(tmp_path / "resumed"))
+    pretrain(*run, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--out", str(tmp_path / "first"))
+    resumed = pretrain(*run, "--resume", str(tmp_path / "ckpt"), "--out", str(tmp_path / "resumed"))
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     whole = load_file(tmp_path / "whole" / "model.safetensors")
     again = load_file(tmp_path / "resumed" / "model.safetensors")
