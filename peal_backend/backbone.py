@@ -20,7 +20,8 @@ from .config import Settings
 
 log = logging.getLogger(__name__)
 
-PACKAGED_BACKBONES = {"peal-mini": Path(__file__).parent / "backbones" / "peal-mini"}
+# the small backbones shipped in the package (peal_backend/backbones/<name>/), by name
+PACKAGED_BACKBONES = {name: Path(__file__).parent / "backbones" / name for name in ("peal-mini", "peal-mini-2")}
 
 
 class BackboneLoadError(RuntimeError):

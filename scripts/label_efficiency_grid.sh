@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The label-efficiency grid behind BENCHMARKS.md's "Queue order" section (benchmarks/results/queue_order).
 #
-#   bash scripts/label_efficiency_grid.sh [STAGE...]   # stages: linear lora clusters (default: all)
+#   bash scripts/label_efficiency_grid.sh [STAGE...]   # stages: linear lora clusters (default: all), core
+#   BACKBONE=peal-mini-2 SERIAL=1 bash scripts/label_efficiency_grid.sh core lora   # another backbone, one stream
 #   bash scripts/label_efficiency_grid.sh report       # tables and plots from what has run
 #
 # Every run is the backend's own cycle (peal_backend.cycle.run_cycle) from zero labels; the annotator
@@ -29,6 +30,7 @@ sim() {  # dataset, then simulate flags
 # Fashion-MNIST's 20k pool makes a cycle ~10x dearer: the policy candidates and the classics only
 FMNIST_LINEAR=auto,auto:typiclust:margin:3,auto:random:margin:3,random,typiclust,probcover,margin,badge
 stage_linear()   { sim "$1" --adapter linear --strategy "$([ "$1" = fashion-mnist ] && echo "$FMNIST_LINEAR" || echo "$LINEAR")" --seeds 10; }
+stage_core()     { sim "$1" --adapter linear --strategy auto,random --seeds 10; }  # the default policy vs random
 stage_lora()     { sim "$1" --adapter lora --strategy auto,random --seeds 5; }
 stage_clusters() { PEAL_CLUSTERS=0 OUT="$OUT-clusters" sim "$1" --adapter linear --strategy auto,random --seeds 10; }
 
@@ -39,6 +41,10 @@ if [ "${1:-}" = report ]; then
 fi
 read -r -a STAGES <<< "${*:-linear lora clusters}"
 stream() { for st in "${STAGES[@]}"; do for data in "$@"; do "stage_$st" "$data"; done; done; }
-stream pneumoniamnist retinamnist &
-stream fashion-mnist &
-wait
+if [ "${SERIAL:-0}" = 1 ]; then  # one stream (the other core busy): the two small sets first
+  stream pneumoniamnist retinamnist fashion-mnist
+else
+  stream pneumoniamnist retinamnist &
+  stream fashion-mnist &
+  wait
+fi

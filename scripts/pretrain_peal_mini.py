@@ -367,7 +367,7 @@ def cosine(step: int, total: int, start: float, end: float, warmup: int = 0) -> 
 STATE_FILE = "training_state.pt"
 # arguments a resumed run may change: where it writes, how often it logs and saves, what it runs on
 RESUMABLE_CHANGES = {"out", "resume", "checkpoint_dir", "checkpoint_every", "log_every", "threads", "install_packages",
-                     "save_dtype", "device"}
+                     "save_dtype", "device", "stop_at"}
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -388,7 +388,12 @@ def latest_state(path: Path) -> Path:
 
 
 def check_resumable(saved: dict, now: dict) -> None:
-    """A resumed run must be the same run: refuse if a training argument changed (the schedule depends on them)."""
+    """A resumed run must be the same run: refuse if a training argument changed (the schedule depends on them).
+    Only --steps may grow, to train longer: the cosine schedules are then recomputed for the new length from
+    the step reached, a warm restart (the learning rate rises again from where the longer schedule has it)."""
+    if now["steps"] < saved["steps"]:
+        sys.exit(f"--resume: --steps {now['steps']} is below the saved run's {saved['steps']}")
+    saved = {**saved, "steps": now["steps"]}
     # an argument the saved run did not have yet was added later: its default keeps the old behaviour
     changed = {k: (saved[k], v) for k, v in now.items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v}
     if changed:
@@ -453,6 +458,7 @@ def train(args) -> None:
     warmup = max(1, int(args.warmup_frac * args.steps))
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     log, t_train, first = [], time.time(), 0
+    sittings = [{"command": command, "from_step": 0, "threads": args.threads, "device": args.device}]
     student.bf16 = teacher.bf16 = args.bf16
     if args.resume:
         state_file = latest_state(Path(args.resume))
@@ -469,6 +475,8 @@ def train(args) -> None:
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         log, first = state["loss_log"], state["step"] + 1
+        sittings = state.get("sittings", []) + [{"command": command, "from_step": first, "threads": args.threads,
+                                                 "device": args.device}]
         t_train -= state["elapsed_s"]
         print(f"resumed from {state_file} at step {first}", flush=True)
     for step in range(first, args.steps):
@@ -551,19 +559,24 @@ def train(args) -> None:
                    "elapsed_s": round(time.time() - t_train, 1)}
             log.append(rec)
             print(json.dumps(rec), flush=True)
-        if args.checkpoint_dir and step and step % args.checkpoint_every == 0:
+        stop = step == args.stop_at
+        if args.checkpoint_dir and step and (step % args.checkpoint_every == 0 or step == args.steps - 1 or stop):
             ckpt = Path(args.checkpoint_dir) / f"step{step}"
             save_state(Path(args.checkpoint_dir) / STATE_FILE, {
                 "step": step, "args": vars(args), "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "opt": opt.state_dict(), "center": center, "patch_center": patch_center,
                 "numpy_rng": rng.bit_generator.state, "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "loss_log": log, "elapsed_s": time.time() - t_train})
+                "loss_log": log, "elapsed_s": time.time() - t_train, "sittings": sittings})
             save_backbone(final.backbone, ckpt, args.save_dtype)
             (ckpt / "PROVENANCE.json").write_text(json.dumps(
                 {"checkpoint_of": command,
                  "step": step, "args": vars(args), "seed": args.seed, "corpus": corpus,
                  "loss_log": log, "init_from": init or None}, indent=2) + "\n")
+
+        if stop:
+            print(f"stopped after step {step} (--stop-at); --resume {args.checkpoint_dir} goes on", flush=True)
+            return
 
     train_s = time.time() - t_train
     out = Path(args.out)
@@ -579,6 +592,7 @@ def train(args) -> None:
             "dino": "teacher backbone after DINO+iBOT self-distillation"}[args.objective] + ")",
         "parameters": n_params,
         "command": command,
+        "sittings": sittings,  # the commands of a run spread over several (resumed) sittings, in order
         "args": vars(args),
         "seed": args.seed,
         "corpus": corpus,
@@ -586,7 +600,7 @@ def train(args) -> None:
         "init_from": init or None,
         "debian_packages": package_versions(),
         "training_seconds": round(train_s, 1),
-        "total_seconds": round(time.time() - t_start, 1),
+        "total_seconds_last_sitting": round(time.time() - t_start, 1),
         "final_loss_mean_last_logs": round(float(np.mean([r["loss"] for r in tail])), 4),
         "loss_log": log,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -653,7 +667,9 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true",
                     help="forward passes under bfloat16 autocast (several times faster on AVX512-BF16/AMX CPUs)")
     ap.add_argument("--resume", default="",
-                    help=f"go on from a checkpoint folder's {STATE_FILE} (same arguments; --steps may not change)")
+                    help=f"go on from a checkpoint folder's {STATE_FILE} (same arguments; a larger --steps trains longer)")
+    ap.add_argument("--stop-at", type=int, default=-1,
+                    help="save the training state after this step and exit, for a run spread over several sittings")
     ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float16",
                     help="dtype the weights are stored in (float16: about 5 MB)")
     return ap.parse_args(argv)

@@ -5,7 +5,8 @@ For each dataset (RetinaMNIST and PneumoniaMNIST from the shared folder, Fashion
 package: its test split, labels drawn from a fixed 10,000-image subset of its train split), label
 budget and seed: draw that many labelled train images (one per class first, so every class is
 present, then at random), fit logistic regression on standardised frozen features, report test
-accuracy as mean ± std over the seeds. Features are the CLS token concatenated with the mean patch
+accuracy as mean ± std over the seeds, and each backbone's paired difference (same draws) to pixels
+and to the random twin, with a 95 % t interval. Features are the CLS token concatenated with the mean patch
 token, computed on ImageNet-normalised inputs resized to the backbone's image_size, as the backend
 feeds them; "pixels" is that same normalised input, flattened; "random init" is a randomly
 initialised model shaped as the first backbone.
@@ -93,14 +94,29 @@ def run(backbones: list[str], seeds: int, C: float, budgets=BUDGETS, datasets=DA
     return rows
 
 
+def paired(a: list[float], b: list[float]) -> str:
+    """Mean of the per-draw differences a - b (same labelled draws) with a 95 % t interval."""
+    from scipy import stats
+
+    d = np.asarray(a) - np.asarray(b)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{d.mean():+.3f} ± {half:.3f}"
+
+
 def markdown(rows: list[dict]) -> str:
+    """Mean ± std per method, then each backbone's paired difference to pixels and to the random twin."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    out = ["| dataset | labels | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    backbones = [m for m in methods if m not in ("random init", "pixels")]
+    deltas = [(b, ref) for b in backbones for ref in ("pixels", "random init")]
+    out = ["| dataset | labels | " + " | ".join(methods) + " | "
+           + " | ".join(f"{b} − {ref}" for b, ref in deltas) + " |",
+           "|---|---:|" + "---:|" * (len(methods) + len(deltas))]
     for (ds, n) in dict.fromkeys((r["dataset"], r["labels"]) for r in rows):
         cells = {r["method"]: r for r in rows if r["dataset"] == ds and r["labels"] == n}
         best = max(c["mean"] for c in cells.values())
         fmt = [("**%.3f ± %.3f**" if cells[m]["mean"] == best else "%.3f ± %.3f") % (cells[m]["mean"], cells[m]["std"])
                for m in methods]
+        fmt += [paired(cells[b]["accs"], cells[ref]["accs"]) for b, ref in deltas]
         out.append(f"| {ds} | {n} | " + " | ".join(fmt) + " |")
     return "\n".join(out)
 

@@ -31,8 +31,9 @@ def pretrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, objective):
     run = ("--objective", objective)
     pretrain(*run, "--out", str(tmp_path / "whole"))
-    # the same run with checkpoints: its step-2 training state is what a run killed at step 3 leaves
-    pretrain(*run, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--out", str(tmp_path / "first"))
+    # the same run stopped after step 2 leaves what a run killed during step 3 leaves: the step-2 state
+    first = pretrain(*run, "--checkpoint-dir", str(tmp_path / "ckpt"), "--stop-at", "2", "--out", str(tmp_path / "first"))
+    assert "stopped after step 2" in first.stdout and not (tmp_path / "first").exists()
     resumed = pretrain(*run, "--resume", str(tmp_path / "ckpt"), "--out", str(tmp_path / "resumed"))
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     whole = load_file(tmp_path / "whole" / "model.safetensors")
@@ -46,8 +47,18 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, objective):
 
 
 def test_resume_with_changed_training_arguments_is_refused(tmp_path):
-    pretrain("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--out", str(tmp_path / "a"))
+    pretrain("--checkpoint-dir", str(tmp_path / "ckpt"), "--stop-at", "2", "--out", str(tmp_path / "a"))
     changed = pretrain("--resume", str(tmp_path / "ckpt"), "--lr", "1e-3", "--out", str(tmp_path / "b"), check=False)
     assert changed.returncode != 0 and "lr=" in changed.stderr
+    shorter = pretrain("--resume", str(tmp_path / "ckpt"), "--steps", "3", "--out", str(tmp_path / "s"), check=False)
+    assert shorter.returncode != 0 and "--steps 3" in shorter.stderr
     missing = pretrain("--resume", str(tmp_path / "nothing"), "--out", str(tmp_path / "c"), check=False)
     assert missing.returncode != 0 and "training_state.pt" in missing.stderr
+
+
+def test_a_finished_run_trains_longer_when_resumed_with_more_steps(tmp_path):
+    pretrain("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "100", "--out", str(tmp_path / "a"))
+    longer = pretrain("--resume", str(tmp_path / "ckpt"), "--steps", "6", "--out", str(tmp_path / "b"))
+    assert "at step 4" in longer.stdout  # the last step's state was saved although no checkpoint step fell there
+    log = json.loads((tmp_path / "b" / "PROVENANCE.json").read_text())["loss_log"]
+    assert [r["step"] for r in log] == list(range(6))
