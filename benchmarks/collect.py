@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["queue_order", "head_fit", "peal_mini", "pool_scoring", "rescore", "sharded_scoring", "predict_latency",
+ORDER = ["queue_order", "queue_order_peal_mini_2", "peal_mini", "head_fit", "pool_scoring", "rescore", "sharded_scoring", "predict_latency",
          "selection", "load"]
 INTRO = """# Benchmarks
 

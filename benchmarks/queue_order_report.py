@@ -65,10 +65,10 @@ def report(folder: Path, reference: str = REFERENCE) -> str:
              "'labels to reach' = fewest labels at which the mean accuracy reaches the reference's final mean "
              "(share of the reference's final label count).", ""]
     for dataset, cfgs in sorted(data.items()):
-        if reference not in cfgs:
-            continue
         few = sorted(c for c, curve in cfgs.items() if max(len(v) for v in curve.values()) < MIN_SEEDS)
         cfgs = {c: curve for c, curve in cfgs.items() if c not in few}
+        if reference not in cfgs:  # absent, or too few seeds yet
+            continue
         ref = cfgs[reference]
         counts = sorted(ref)
         final = max(counts)
