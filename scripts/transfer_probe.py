@@ -26,7 +26,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peal_backend.backbones import BACKBONES_DIR, cls_mean_features, to_pixel_values  # noqa: E402
+from benchmarks import queue_order_report  # noqa: E402
+from peal_backend.backbone import resolve_backbone  # noqa: E402
+from peal_backend.backbones import cls_mean_features, to_pixel_values  # noqa: E402
 from peal_backend.simulate import load_dataset  # noqa: E402
 
 DATASETS = ("retinamnist", "pneumoniamnist", "fashion-mnist")
@@ -56,18 +58,13 @@ def probe_accuracy(train_x, train_y, test_x, test_y, C: float = 1.0) -> float:
     return float((clf.predict(test_x) == test_y).mean())
 
 
-def backbone_folder(spec: str) -> Path:
-    """A shipped backbone's name (`peal-mini-2`) or a save_pretrained folder."""
-    return BACKBONES_DIR / spec if (BACKBONES_DIR / spec).is_dir() else Path(spec)
-
-
 def feature_sets(backbones: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
     import torch
     from transformers import Dinov2Model
 
     feats, first = {}, None
     for spec in backbones:
-        model = Dinov2Model.from_pretrained(backbone_folder(spec), dtype=torch.float32)
+        model = Dinov2Model.from_pretrained(resolve_backbone(spec), dtype=torch.float32)  # a shipped name or a folder
         first = first or model
         feats[Path(spec).name if Path(spec).name not in feats else spec] = cls_mean_features(model, images)
     torch.manual_seed(0)
@@ -95,12 +92,9 @@ def run(backbones: list[str], seeds: int, C: float, budgets=BUDGETS, datasets=DA
 
 
 def paired(a: list[float], b: list[float]) -> str:
-    """Mean of the per-draw differences a - b (same labelled draws) with a 95 % t interval."""
-    from scipy import stats
-
-    d = np.asarray(a) - np.asarray(b)
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return f"{d.mean():+.3f} ± {half:.3f}"
+    """Mean of the per-draw differences a - b (same labelled draws, in seed order) with a 95 % t interval."""
+    mean, half, _ = queue_order_report.paired(dict(enumerate(a)), dict(enumerate(b)))
+    return f"{mean:+.3f} ± {half:.3f}"
 
 
 def markdown(rows: list[dict]) -> str:

@@ -52,6 +52,8 @@ def test_resume_with_changed_training_arguments_is_refused(tmp_path):
     assert changed.returncode != 0 and "lr=" in changed.stderr
     shorter = pretrain("--resume", str(tmp_path / "ckpt"), "--steps", "3", "--out", str(tmp_path / "s"), check=False)
     assert shorter.returncode != 0 and "--steps 3" in shorter.stderr
+    nowhere = pretrain("--stop-at", "2", "--out", str(tmp_path / "d"), check=False)  # would drop its state
+    assert nowhere.returncode != 0 and "--stop-at needs --checkpoint-dir" in nowhere.stderr
     missing = pretrain("--resume", str(tmp_path / "nothing"), "--out", str(tmp_path / "c"), check=False)
     assert missing.returncode != 0 and "training_state.pt" in missing.stderr
 
