@@ -66,21 +66,25 @@ class Settings:
     batch_size: int = _env("PEAL_BATCH_SIZE", 32, "Training batch size.", int)
     inference_batch_size: int = _env("PEAL_INFERENCE_BATCH_SIZE", 128, "Batch size for scoring the pool and /predict "
                                      "(on the 2-core CPU, bf16 DINOv2-small ran 12 images/s at 32, 22 at 128).", int)
-    torch_threads: int = _env("PEAL_TORCH_THREADS", 1, "Torch CPU threads of the server and of each worker (0 = torch's "
-                              "default, one per core). 1 measured fastest on a CPU shared with Label Studio and other work: "
-                              "a training cycle ran 3x faster than with 2 threads on the 2-core machine (BENCHMARKS.md); "
-                              "raise it on a machine of its own.", int)
+    torch_threads: int = _env("PEAL_TORCH_THREADS", 1, "Torch CPU threads of the server and of each worker, for training "
+                              "and torch inference (0 = torch's default, one per core). On the 2-core machine a training "
+                              "cycle ran 1.5x faster with 2 threads when alone but 1.5x slower beside one busy process "
+                              "(Label Studio, a second worker), so 1; raise it on a machine of its own. ONNX Runtime "
+                              "inference has its own PEAL_INFERENCE_THREADS (BENCHMARKS.md, \"Torch threads\").", int)
     device: str = _env("PEAL_DEVICE", "cpu", "Torch device: cpu, cuda, cuda:0, ...")
     precision: str = _env("PEAL_PRECISION", "fp32", "Inference precision: fp32, bf16 (autocast) or auto (bf16 where the CPU supports it).",
                           str, ("fp32", "bf16", "auto"))
-    runtime: str = _env("PEAL_RUNTIME", "torch", "What runs the frozen first pass (the backbone's frozen blocks over every image, "
-                        "filling the activation cache): torch (in PEAL_PRECISION) or onnxruntime (the frozen blocks exported to "
-                        "ONNX once per process, float32: 1.3x to 1.7x torch fp32 on a CPU without bf16, BENCHMARKS.md). auto: "
-                        "onnxruntime on a CPU unless bf16 is enabled (PEAL_PRECISION), torch otherwise. On a GPU, or where ONNX "
-                        "Runtime is missing, torch runs (with a log line). Adapted blocks always run in torch. Not the default yet: "
-                        "the export runs inside each process's first job, and with it on, a test worker's first job lost its 2 s "
-                        "lease once on the loaded CI machine; the export is the suspect, not confirmed.",
+    runtime: str = _env("PEAL_RUNTIME", "auto", "What runs inference over many images: the frozen first pass (filling the "
+                        "activation cache) and the re-score of LoRA's last K blocks from it. onnxruntime: exported to ONNX "
+                        "(float32; the frozen blocks once per process, the adapted blocks once per model state) and run "
+                        "by ONNX Runtime; torch: in PEAL_PRECISION. auto: onnxruntime on a CPU unless bf16 is enabled "
+                        "(PEAL_PRECISION), and only for 256 images or more at once; torch otherwise. On a GPU, or where "
+                        "ONNX Runtime is missing or an export fails, torch runs (with a log line). Training, prompts "
+                        "and LoRA on every block always run in torch (BENCHMARKS.md, \"First pass\", \"Queue freshness\").",
                         str, ("auto", "torch", "onnxruntime"))
+    inference_threads: int = _env("PEAL_INFERENCE_THREADS", 0, "ONNX Runtime's threads for inference (0 = one per core this "
+                                  "process may use). Large inference batches ran faster on every core even beside a "
+                                  "busy process; PEAL_TORCH_THREADS stays for training (BENCHMARKS.md, \"Torch threads\").", int)
     threshold: float = _env("PEAL_THRESHOLD", 0.5, "Multiple-choice configs: choices with probability above this are predicted.", float)
 
     # --- Training --------------------------------------------------------------------------------

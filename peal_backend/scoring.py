@@ -184,7 +184,7 @@ class ActivationCache:
 def frozen_activations(clf: Classifier, pixels: torch.Tensor, settings: Settings) -> np.ndarray:
     """What the cache stores for these images (see module doc), computed by the runtime PEAL_RUNTIME
     resolves to (`runtime`): ONNX Runtime, or torch in PEAL_PRECISION."""
-    if (rt := runtime.resolve(settings)) != "torch" and len(pixels):
+    if runtime.use_onnxruntime(settings, len(pixels)):
         sess = runtime.session(clf, settings, int(pixels.shape[-1]))
         if sess is not None:
             return runtime.run(sess, pixels, settings.inference_batch_size)
@@ -209,8 +209,16 @@ def _bf16_frozen_twin(clf: Classifier) -> Classifier:
 
 
 def score_from_activations(clf: Classifier, acts: np.ndarray, settings: Settings, *, multilabel: bool = False) -> Prediction:
-    """Finish the forward from cached activations: the adapted blocks (if any), pooling and the head."""
+    """Finish the forward from cached activations: the adapted blocks (if any), pooling and the head;
+    the adapted blocks in ONNX Runtime where `runtime.use_onnxruntime` says so."""
     clf.eval()
+    if clf.first_adapted < clf.n_layers and runtime.use_onnxruntime(settings, len(acts)):
+        sess = runtime.suffix_session(clf, settings, tuple(acts.shape[1:]))
+        if sess is not None:
+            emb, lg = runtime.run_suffix(sess, acts, settings.inference_batch_size)
+            lg = torch.from_numpy(lg)
+            probs = torch.sigmoid(lg) if multilabel else torch.softmax(lg, dim=1)
+            return Prediction(probs.numpy(), lg.numpy(), emb)
     feats, logits = [], []
     with torch.inference_mode(), _autocast(settings):
         bs = settings.inference_batch_size

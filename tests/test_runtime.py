@@ -138,3 +138,71 @@ def test_uncached_linear_probe_scoring_runs_the_runtime_and_equals_predict(monke
     assert calls == [5]
     np.testing.assert_allclose(got.probs, want.probs, atol=1e-5)
     np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-4)
+
+
+def lora_with_weights(tiny_backbone, **overrides):
+    """A LoRA-on-the-last-block classifier whose adapter is not the identity (B is zero at init)."""
+    s = Settings(backbone=tiny_backbone, adapter="lora", lora_last_k=1, inference_batch_size=4, **overrides)
+    clf = build_classifier(s, 3).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in clf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return s, clf
+
+
+def test_adapted_blocks_in_onnxruntime_match_torch_and_follow_each_new_state(tiny_backbone):
+    """The re-score from cached tokens (LoRA's blocks merged into a copy, pooling, head) gives torch's
+    predictions; after the weights change (a new cycle) it gives the new model's, not the old export's;
+    and the caller's model keeps its unmerged LoRA weights."""
+    from peal_backend.scoring import score_from_activations
+
+    s, clf = lora_with_weights(tiny_backbone)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    acts = np.random.default_rng(0).normal(size=(11, 17, 32)).astype(np.float32)  # 11: a partial last batch
+    for _ in range(2):
+        ort = score_from_activations(clf, acts, s.replace(runtime="onnxruntime"))
+        ref = score_from_activations(clf, acts, s.replace(runtime="torch"))
+        assert ort.probs.shape == ref.probs.shape == (11, 3)
+        np.testing.assert_allclose(ort.logits, ref.logits, atol=1e-4)
+        np.testing.assert_allclose(ort.embeddings, ref.embeddings, atol=1e-4)
+        assert all(torch.equal(v, before[k]) for k, v in clf.state_dict().items())
+        with torch.no_grad():  # the next cycle's weights
+            clf.head.weight.mul_(-2.0)
+            next(p for n, p in clf.named_parameters() if "lora_A" in n).add_(0.3)
+        before = {k: v.clone() for k, v in clf.state_dict().items()}
+    assert len(runtime._suffixes) >= 2
+
+
+def test_auto_runs_onnxruntime_only_for_large_batches_on_cpu():
+    auto = Settings(runtime="auto", precision="fp32")
+    assert not runtime.use_onnxruntime(auto, runtime.AUTO_MIN_IMAGES - 1)
+    assert runtime.use_onnxruntime(auto, runtime.AUTO_MIN_IMAGES)
+    assert runtime.use_onnxruntime(auto.replace(runtime="onnxruntime"), 1)  # asked for by name: always
+    assert not runtime.use_onnxruntime(auto.replace(runtime="onnxruntime"), 0)
+    assert not runtime.use_onnxruntime(auto.replace(device="cuda"), 10_000)
+    assert not runtime.use_onnxruntime(auto.replace(runtime="torch"), 10_000)
+
+
+def test_a_large_rescore_under_auto_goes_through_onnxruntime(monkeypatch, tiny_backbone):
+    """The default setting: a pool of AUTO_MIN_IMAGES cached rows is re-scored by ONNX Runtime (with one
+    session for the state), a few rows by torch, and both give the same predictions."""
+    from peal_backend.scoring import score_from_activations
+
+    s, clf = lora_with_weights(tiny_backbone)
+    assert s.runtime == "auto" or pytest.skip("PEAL_RUNTIME is set in this environment")
+    calls = []
+    real = runtime.run_suffix
+    monkeypatch.setattr(runtime, "run_suffix", lambda sess, t, bs: calls.append(len(t)) or real(sess, t, bs))
+    acts = np.random.default_rng(1).normal(size=(runtime.AUTO_MIN_IMAGES, 17, 32)).astype(np.float32)
+    big = score_from_activations(clf, acts, s.replace(inference_batch_size=64))
+    small = score_from_activations(clf, acts[:5], s)
+    assert calls == [runtime.AUTO_MIN_IMAGES]
+    np.testing.assert_allclose(big.probs[:5], small.probs, atol=1e-5)
+
+
+def test_inference_threads_default_to_the_cores_this_process_may_use():
+    import os
+    assert runtime.inference_threads(Settings(inference_threads=3)) == 3
+    assert runtime.inference_threads(Settings(inference_threads=0)) == len(os.sched_getaffinity(0))
