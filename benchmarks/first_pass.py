@@ -52,8 +52,10 @@ ORT = "ONNX Runtime fp32 (PEAL_RUNTIME=onnxruntime)"
 
 
 def backend(settings: Settings, **changes):
+    """The backend's first pass with these settings; ONNX Runtime's threads follow the round's thread count
+    (PEAL_INFERENCE_THREADS), as torch's do."""
     s = settings.replace(**changes)
-    return lambda clf, px: frozen_activations(clf, px, s)
+    return lambda clf, px: frozen_activations(clf, px, s.replace(inference_threads=torch.get_num_threads()))
 
 
 def autocast_bf16(settings: Settings):

@@ -1,6 +1,7 @@
 """Queue freshness: seconds from a submitted label to a queue ordered by a model that has seen it.
 
-    python -m benchmarks.freshness --tasks 1000 --backbone peal-mini [--labels 10] [--out benchmarks/results/freshness.md]
+    python -m benchmarks.freshness --tasks 1000 --backbone peal-mini [--labels 10] [--prelabel 0]
+                                   [--out benchmarks/results/freshness.md]
 
 A real Label Studio 1.23.2 (installed or found as the tests do) with a project of `--tasks` Fashion-MNIST
 images served from a loopback HTTP host; the backend under gunicorn with its defaults (in-process
@@ -13,6 +14,10 @@ every unlabeled task holds a prediction at that version. The job's own phase tim
 score, save, push, switch: the project's model_version moved) come from the backend's /jobs status of
 that training. Deleting pruned versions' predictions (Label Studio does it one prediction at a time)
 runs in the background after the switch, beside the next training.
+
+`--prelabel N` annotates the first N tasks before the backend connects, so the timed labels are the
+(N+1)-th onwards: a cycle's training grows with the labeled set (its batch, until PEAL_BATCH_SIZE), so
+the first few labels alone would flatter a large backbone.
 
 `--backbone dinov2-small` builds a DINOv2-small-shaped model (random weights: no pretrained weights
 can be downloaded here; the cost is the same) and serves it at 224 px.
@@ -105,6 +110,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--backbone", default="peal-mini", help="peal-mini, dinov2-small (shape, random weights) or a folder")
     p.add_argument("--labels", type=int, default=10)
+    p.add_argument("--prelabel", type=int, default=0, help="tasks annotated (the first ones imported) before the backend "
+                   "connects, so the timed labels are measured with a training set of that size (not timed)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for one fresh queue")
     p.add_argument("--env", action="append", default=[], help="extra backend setting NAME=VALUE (repeatable)")
     p.add_argument("--out", type=Path, default=None)
@@ -140,6 +147,9 @@ def main() -> None:
                                   json=[{"image": f"{images_url}/{i}.png"} for i in chunk], timeout=600)
                 r.raise_for_status()
                 truth.update({tid: int(data.train_labels[i]) for tid, i in zip(r.json()["task_ids"], chunk)})
+            for tid in list(truth)[:args.prelabel]:  # a project that already has labels when it connects
+                requests.post(f"{ls.url}/api/tasks/{tid}/annotations/", headers=headers, timeout=60,
+                              json={"result": result_for(truth[tid])}).raise_for_status()
             client = LabelStudio(ls.url, ls.token, timeout=120)
             proc, url, log = start_backend(ls, backbone, size, images_url.split("//")[1], tmp, extra)
             backend = proc
@@ -182,10 +192,10 @@ def main() -> None:
                     time.sleep(5)
             else:
                 raise SystemExit("Label Studio could not connect the backend")
-            first_pass = wait_until(lambda: fresh(0), "first pass (cold start)", args.timeout, log)
-            print(f"first pass (cold-start ordering of {args.tasks} tasks): {first_pass:.1f} s", flush=True)
+            first_pass = wait_until(lambda: fresh(args.prelabel), "first pass", args.timeout, log)
+            print(f"first pass (ordering of {args.tasks} tasks, {args.prelabel} labeled): {first_pass:.1f} s", flush=True)
             rows = []
-            for k in range(1, args.labels + 1):
+            for k in range(args.prelabel + 1, args.prelabel + args.labels + 1):
                 task = next_task(ls.url, pid, headers)
                 tid = task["id"]
                 requests.post(f"{ls.url}/api/tasks/{tid}/annotations/", headers=headers, timeout=60,
@@ -218,10 +228,11 @@ def main() -> None:
 def report(rows: list[dict], first_pass: float, args) -> str:
     secs = [r["seconds"] for r in rows]
     cmd = f"python -m benchmarks.freshness --tasks {args.tasks} --backbone {args.backbone} --labels {args.labels}" + \
-        "".join(f" --env {e}" for e in args.env)
+        (f" --prelabel {args.prelabel}" if args.prelabel else "") + "".join(f" --env {e}" for e in args.env)
     lines = [f"### {args.tasks:,} tasks, {args.backbone}" + (f" ({', '.join(args.env)})" if args.env else ""), "",
              f"`{cmd}`", "",
-             f"First pass (connect to every task ordered, no label): {first_pass:.1f} s. "
+             f"First pass (connect to every task ordered, {args.prelabel or 'no'} label{'' if args.prelabel == 1 else 's'}): "
+             f"{first_pass:.1f} s. "
              f"Per label: p50 {percentile(secs, 50):.1f} s, p95 {percentile(secs, 95):.1f} s, "
              f"mean {statistics.mean(secs):.1f} s over {len(secs)} labels. Load average (1 min) at the start: "
              f"{args.load_at_start:.1f} (2 cores).", "",
