@@ -85,14 +85,19 @@ def wait_until(check, what: str, timeout: float, log: Path) -> float:
     raise SystemExit(f"{what}: not within {timeout:.0f} s\n{log.read_text()[-3000:]}")
 
 
-def next_task(ls_url: str, pid: int, headers: dict, attempts: int = 5) -> dict:
-    """The task Label Studio serves next. On the loaded 2-core machine Label Studio has answered this
-    with an HTML error page (a worker timeout) once in a while: asked again, as an annotator's browser
-    would, a few times."""
+NEXT_ERRORS: list[str] = []  # Label Studio's failed answers to /next, reported
+
+
+def next_task(ls_url: str, pid: int, headers: dict, attempts: int = 30) -> dict:
+    """The task Label Studio serves next (asked before a label's clock starts). Label Studio has answered
+    this with an HTML error page (500) once in a while, several times in a row on a 10,000-task project:
+    asked again, as an annotator's browser would, for up to a minute; each failure is counted in the
+    report."""
     for attempt in range(attempts):
         r = requests.get(f"{ls_url}/api/projects/{pid}/next", headers=headers, timeout=120)
         if r.ok and r.headers.get("content-type", "").startswith("application/json"):
             return r.json()
+        NEXT_ERRORS.append(str(r.status_code))
         print(f"/next answered {r.status_code} {r.text[:120]!r}; asking again", flush=True)
         time.sleep(2)
     raise SystemExit(f"/next failed {attempts} times")
@@ -115,6 +120,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for one fresh queue")
     p.add_argument("--env", action="append", default=[], help="extra backend setting NAME=VALUE (repeatable)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--logs", type=Path, default=None, help="copy Label Studio's and the backend's logs here at the end")
     args = p.parse_args()
     args.load_at_start = os.getloadavg()[0]
     extra = dict(e.split("=", 1) for e in args.env)
@@ -210,7 +216,16 @@ def main() -> None:
                              "version": got.get("model_version"), **{ph: (got.get("timings") or {}).get(ph) for ph in PHASES}})
                 print(f"label {k}: fresh after {seconds:.1f} s ({got.get('model_version')}, {got.get('status')}, "
                       f"{got.get('timings')})", flush=True)
+        except BaseException:  # the temporary folder goes: keep both servers' logs for the post-mortem
+            args.logs = args.logs or Path(tempfile.mkdtemp(prefix="freshness-logs-"))
+            print(f"failed; Label Studio's and the backend's logs go to {args.logs}", flush=True)
+            raise
         finally:
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for name in ("ls.log", "backend.log"):
+                    if (tmp / name).exists():
+                        shutil.copy(tmp / name, args.logs / name)
             if backend is not None:
                 os.killpg(backend.pid, signal.SIGTERM)
                 backend.wait(timeout=60)
@@ -235,7 +250,9 @@ def report(rows: list[dict], first_pass: float, args) -> str:
              f"{first_pass:.1f} s. "
              f"Per label: p50 {percentile(secs, 50):.1f} s, p95 {percentile(secs, 95):.1f} s, "
              f"mean {statistics.mean(secs):.1f} s over {len(secs)} labels. Load average (1 min) at the start: "
-             f"{args.load_at_start:.1f} (2 cores).", "",
+             f"{args.load_at_start:.1f} (2 cores)."
+             + (f" Label Studio answered /next with an error {len(NEXT_ERRORS)} times (asked again; before a label's "
+                "clock starts)." if NEXT_ERRORS else ""), "",
              "| label | fresh after s | version | kind | strategy | steps | warm | load | " + " | ".join(f"{p} s" for p in PHASES) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(PHASES)]
     for r in rows:
