@@ -177,6 +177,18 @@ def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_di
     return Prediction.concat(parts)
 
 
+def cached_tokens(clf: Classifier, settings: Settings, images: ImageSet, cache_dir: str | None) -> torch.Tensor | None:
+    """The tokens entering `clf`'s first adapted block for `images`, from the activation cache when every
+    one is there (the cycle's first pass fills it for the labeled set too), so training does not run the
+    frozen blocks on the labeled images again; None otherwise (training computes them)."""
+    if not (cache_dir and settings.activation_cache and cacheable(clf) and clf.first_adapted < clf.n_layers and len(images)):
+        return None
+    cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, images.size))
+    if cache.missing(images.hashes):
+        return None
+    return torch.from_numpy(cache.get(images.hashes))
+
+
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:
     n = len(a)
 
@@ -253,7 +265,9 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
                                features=torch.from_numpy(frozen[:n_lab])))
             outputs = score_from_activations(clf, frozen, settings, multilabel=multiple)
         else:
-            metrics.update(fit(clf, labeled.pixels(list(range(n_lab))), targets, settings, multilabel=multiple,
+            tokens = cached_tokens(clf, settings, labeled, cache_dir)
+            pixels = labeled.pixels(list(range(n_lab))) if tokens is None else torch.zeros(0)
+            metrics.update(fit(clf, pixels, targets, settings, multilabel=multiple, prefix=tokens,
                                progress=progress, new_labels=new_labels if init is not None else None))
             started = time.perf_counter()
             outputs = score_images(clf, settings, everything, cache_dir, multilabel=multiple)

@@ -192,7 +192,8 @@ def cycle_steps(settings: Settings, n: int, new_labels: int | None = None) -> in
 
 def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings: Settings, *,
         multilabel: bool = False, progress: Callable[[int, int, float], None] | None = None,
-        features: torch.Tensor | None = None, new_labels: int | None = None) -> dict:
+        features: torch.Tensor | None = None, new_labels: int | None = None,
+        prefix: torch.Tensor | None = None) -> dict:
     """Train the classifier on the labeled set: linear probe, then fine-tune (LP-FT). Deterministic.
 
     1. The head is fitted to convergence on the current features (`fit_head`; `features` may be given
@@ -203,13 +204,15 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
        `min_steps` steps, the head at `head_lr_multiplier` times the adapter's rate. A warm-started model
        (`new_labels`: how many labels it has not seen) gets a budget scaled to them (`cycle_steps`).
     `targets`: class ids (N,) for single choice, a multi-hot (N, C) float tensor for multiple choice.
+    `prefix`: the labeled images' tokens entering the first adapted block, when the caller has them (the
+    activation cache): the frozen blocks then do not run on the labeled set at all.
     """
     started = time.perf_counter()
     device = settings.device
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     pixels, targets = pixels.to(device), targets.to(device)
-    n = len(pixels) if features is None else len(features)
+    n = len(features) if features is not None else len(prefix) if prefix is not None else len(pixels)
     if n == 0:
         raise ValueError("no labeled images to train on")
     head_params = list(model.head.parameters())
@@ -217,7 +220,12 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
     adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     model.eval()
     # the frozen blocks' output, computed once: it feeds the head fit and every fine-tuning step
-    prefix = _frozen_prefix(model, pixels, settings.inference_batch_size) if adapter_params else None
+    if not adapter_params or model.adapter == "prompt":
+        prefix = None
+    elif prefix is None:
+        prefix = _frozen_prefix(model, pixels, settings.inference_batch_size)
+    else:
+        prefix = prefix.to(device, _dtype(model))
     if features is None:
         features = frozen_features(model, pixels, settings.inference_batch_size, prefix)
     calibration = settings.calibration_weight if settings.calibration and not multilabel else 0.0

@@ -67,6 +67,30 @@ def test_one_pass_fills_the_probe_and_the_lora_caches(tmp_path, tiny_backbone, r
     np.testing.assert_allclose(again.probs, predict(lora, pixels, s).probs, atol=5e-3)
 
 
+def test_a_trained_cycle_takes_the_labeled_tokens_from_the_cache(tmp_path, tiny_backbone, retina, monkeypatch):
+    """LoRA on the last K blocks: the cycle's first pass caches the labeled images' tokens too, so its
+    training runs no frozen block and fetches no labeled pixel; the model it trains is the one trained
+    from pixels, up to the cache's float16 rounding."""
+    from peal_backend import training
+    from peal_backend.cycle import ImageSet, run_cycle
+    pixels, labels, hashes = retina
+    s = Settings(backbone=tiny_backbone, adapter="lora", lora_last_k=1, epochs=2, min_steps=10)
+    labeled, pool = slice(0, 24), slice(24, 48)
+
+    def from_pixels(cache_dir):
+        return run_cycle(s, ImageSet.from_tensor(hashes[labeled], pixels[labeled]), labels[labeled],
+                         ImageSet.from_tensor(hashes[pool], pixels[pool]), 5, cache_dir=cache_dir)
+
+    uncached = from_pixels(None)
+    from_pixels(str(tmp_path))  # fills the caches (and, its labeled tokens being there, already uses them)
+    monkeypatch.setattr(training, "_frozen_prefix", lambda *a: pytest.fail("the frozen blocks ran on the labeled set"))
+    cached = run_cycle(s, ImageSet(hashes[labeled], no_backbone, 28), labels[labeled],
+                       ImageSet(hashes[pool], no_backbone, 28), 5, cache_dir=str(tmp_path))
+    assert cached.metrics["steps"] == uncached.metrics["steps"] == 10
+    np.testing.assert_allclose(cached.pool.probs, uncached.pool.probs, atol=2e-2)
+    assert (cached.pool.probs.argmax(1) == uncached.pool.probs.argmax(1)).mean() >= 0.9
+
+
 def test_nothing_to_cache_for_prompts_or_lora_everywhere(tiny_backbone):
     assert not cacheable(build_classifier(Settings(backbone=tiny_backbone, adapter="prompt"), 2))
     assert not cacheable(build_classifier(Settings(backbone=tiny_backbone, adapter="lora"), 2))
