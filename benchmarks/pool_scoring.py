@@ -15,6 +15,7 @@ Ends with a line `speedup: X.XX` (optimised images/s / plain images/s).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from peal_backend.config import Settings
 from peal_backend.images import preprocess, to_pil
 from peal_backend.training import fit, predict
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = Path(os.environ.get("PEAL_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
 def dinov2_small(folder: str, attn: str) -> str:
