@@ -206,3 +206,19 @@ def test_inference_threads_default_to_the_cores_this_process_may_use():
     import os
     assert runtime.inference_threads(Settings(inference_threads=3)) == 3
     assert runtime.inference_threads(Settings(inference_threads=0)) == len(os.sched_getaffinity(0))
+
+
+def test_failed_suffix_export_rescores_in_torch_with_a_log_line(monkeypatch, caplog, tiny_backbone):
+    from peal_backend.scoring import score_from_activations
+
+    def broken(clf, tokens):
+        raise RuntimeError("unsupported operator in the adapted blocks")
+    monkeypatch.setattr(runtime, "export_suffix", broken)
+    monkeypatch.setattr(runtime, "_suffixes", runtime.OrderedDict())
+    s, clf = lora_with_weights(tiny_backbone, runtime="onnxruntime")
+    acts = np.random.default_rng(2).normal(size=(6, 17, 32)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="peal_backend.runtime"):
+        got = score_from_activations(clf, acts, s)
+    want = score_from_activations(clf, acts, s.replace(runtime="torch"))
+    np.testing.assert_array_equal(got.logits, want.logits)
+    assert "unsupported operator in the adapted blocks" in caplog.text and "run in torch" in caplog.text
