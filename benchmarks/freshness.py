@@ -153,9 +153,13 @@ def main() -> None:
                                   json=[{"image": f"{images_url}/{i}.png"} for i in chunk], timeout=600)
                 r.raise_for_status()
                 truth.update({tid: int(data.train_labels[i]) for tid, i in zip(r.json()["task_ids"], chunk)})
-            for tid in list(truth)[:args.prelabel]:  # a project that already has labels when it connects
+
+            def annotate(tid: int) -> None:
                 requests.post(f"{ls.url}/api/tasks/{tid}/annotations/", headers=headers, timeout=60,
                               json={"result": result_for(truth[tid])}).raise_for_status()
+
+            for tid in list(truth)[:args.prelabel]:  # a project that already has labels when it connects
+                annotate(tid)
             client = LabelStudio(ls.url, ls.token, timeout=120)
             proc, url, log = start_backend(ls, backbone, size, images_url.split("//")[1], tmp, extra)
             backend = proc
@@ -204,8 +208,7 @@ def main() -> None:
             for k in range(args.prelabel + 1, args.prelabel + args.labels + 1):
                 task = next_task(ls.url, pid, headers)
                 tid = task["id"]
-                requests.post(f"{ls.url}/api/tasks/{tid}/annotations/", headers=headers, timeout=60,
-                              json={"result": result_for(truth[tid])}).raise_for_status()
+                annotate(tid)
                 seconds = wait_until(lambda: fresh(k), f"label {k}", args.timeout, log)
                 got = finished_result(client.project(pid).get("model_version"))
                 meta_path = tmp / "models" / str(pid) / str(got.get("model_version")) / "meta.json"

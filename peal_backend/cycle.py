@@ -154,16 +154,24 @@ def warm_plan(settings: Settings, previous_labels: dict[str, list] | None, label
 POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.6 MB per image)
 
 
+def _cache(clf: Classifier, settings: Settings, size: int, cache_dir: str | None) -> ActivationCache | None:
+    """`clf`'s activation cache folder for images of `size` px, or None: no folder given, the cache is
+    off, or the model has no frozen prefix to cache."""
+    if not (cache_dir and settings.activation_cache and cacheable(clf)):
+        return None
+    return ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, size))
+
+
 def score_images(clf: Classifier, settings: Settings, images: ImageSet, cache_dir: str | None, *,
                  multilabel: bool = False, via: Classifier | None = None) -> Prediction:
     """The one inference path of a cycle: finished from the activation cache where the model has a frozen
     prefix (and a cache folder is given), else a chunked forward; a linear probe's chunks still go through
     `frozen_activations`, so the frozen first pass runs where PEAL_RUNTIME says, cache or not."""
-    if cache_dir and settings.activation_cache and cacheable(clf):
-        cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, images.size))
+    if (cache := _cache(clf, settings, images.size, cache_dir)) is not None:
         source = None
-        if via is not None and cacheable(via) and via.first_adapted < clf.first_adapted == clf.n_layers:
-            source = (via, ActivationCache.shared(Path(cache_dir) / cache_key(settings, via, images.size)))
+        if via is not None and via.first_adapted < clf.first_adapted == clf.n_layers \
+                and (via_cache := _cache(via, settings, images.size, cache_dir)) is not None:
+            source = (via, via_cache)
         return score_cached(clf, settings, images.hashes, images.pixels, cache, multilabel=multilabel, source=source)
     n = len(images)
     if cacheable(clf) and clf.first_adapted == clf.n_layers and n:  # the whole backbone frozen: features, then the head
@@ -181,10 +189,8 @@ def cached_tokens(clf: Classifier, settings: Settings, images: ImageSet, cache_d
     """The tokens entering `clf`'s first adapted block for `images`, from the activation cache when every
     one is there (the cycle's first pass fills it for the labeled set too), so training does not run the
     frozen blocks on the labeled images again; None otherwise (training computes them)."""
-    if not (cache_dir and settings.activation_cache and cacheable(clf) and clf.first_adapted < clf.n_layers and len(images)):
-        return None
-    cache = ActivationCache.shared(Path(cache_dir) / cache_key(settings, clf, images.size))
-    if cache.missing(images.hashes):
+    cache = _cache(clf, settings, images.size, cache_dir) if clf.first_adapted < clf.n_layers and len(images) else None
+    if cache is None or cache.missing(images.hashes):
         return None
     return torch.from_numpy(cache.get(images.hashes))
 

@@ -212,21 +212,21 @@ def score_from_activations(clf: Classifier, acts: np.ndarray, settings: Settings
     """Finish the forward from cached activations: the adapted blocks (if any), pooling and the head;
     the adapted blocks in ONNX Runtime where `runtime.use_onnxruntime` says so."""
     clf.eval()
+    sess = None
     if clf.first_adapted < clf.n_layers and runtime.use_onnxruntime(settings, len(acts)):
         sess = runtime.suffix_session(clf, settings, tuple(acts.shape[1:]))
-        if sess is not None:
-            emb, lg = runtime.run_suffix(sess, acts, settings.inference_batch_size)
-            lg = torch.from_numpy(lg)
-            probs = torch.sigmoid(lg) if multilabel else torch.softmax(lg, dim=1)
-            return Prediction(probs.numpy(), lg.numpy(), emb)
     feats, logits = [], []
-    with torch.inference_mode(), _autocast(settings):
-        bs = settings.inference_batch_size
-        for i in range(0, len(acts), bs):
-            h = torch.from_numpy(acts[i:i + bs]).to(settings.device, _dtype(clf))
-            f = h if clf.first_adapted == clf.n_layers else clf.features_from(h, clf.first_adapted)
-            feats.append(f.float().cpu())
-            logits.append(clf.head(f).float().cpu())
+    if sess is not None:
+        emb, lg = runtime.run_suffix(sess, acts, settings.inference_batch_size)
+        feats, logits = [torch.from_numpy(emb)], [torch.from_numpy(lg)]
+    else:
+        with torch.inference_mode(), _autocast(settings):
+            bs = settings.inference_batch_size
+            for i in range(0, len(acts), bs):
+                h = torch.from_numpy(acts[i:i + bs]).to(settings.device, _dtype(clf))
+                f = h if clf.first_adapted == clf.n_layers else clf.features_from(h, clf.first_adapted)
+                feats.append(f.float().cpu())
+                logits.append(clf.head(f).float().cpu())
     lg = torch.cat(logits) if logits else torch.zeros(0, clf.head.out_features)
     probs = torch.sigmoid(lg) if multilabel else torch.softmax(lg, dim=1)
     emb = torch.cat(feats).numpy() if feats else np.zeros((0, clf.feature_dim), np.float32)
