@@ -102,6 +102,11 @@ class Settings:
     warm_min_steps: int = _env("PEAL_WARM_MIN_STEPS", 10, "Fewest optimiser steps of a warm-started cycle.", int)
     full_retrain_every: int = _env("PEAL_FULL_RETRAIN_EVERY", 5, "With PEAL_WARM_START, every Nth cycle still trains from the "
                                    "pretrained weights with the full step budget (0 = never), so drift cannot build up.", int)
+    adapt_growth: float = _env("PEAL_ADAPT_GROWTH", 0.0, "Head refreshes between adapter trainings: while the labels that are "
+                               "new or changed since the adapter (LoRA, prompts) last trained stay fewer than this fraction of "
+                               "the labels it trained on, a cycle keeps that adapter and only solves the head again on the "
+                               "adapted features stored with the version (seconds, no forward pass); otherwise the adapter "
+                               "trains (0 = it trains every cycle).", float)
     seed: int = _env("PEAL_SEED", 0, "Random seed for training and selection.", int)
     retrain_every: int = _env("PEAL_RETRAIN_EVERY", 1, "Retrain after this many new or changed annotations (START_TRAINING always retrains).", int)
     keep_versions: int = _env("PEAL_KEEP_VERSIONS", 5, "Model versions kept per project; older ones are pruned.", int)
@@ -176,6 +181,8 @@ class Settings:
         if self.decode_max_side <= 0 or self.decode_max_side < self.image_size:
             raise SettingsError(f"PEAL_DECODE_MAX_SIDE={self.decode_max_side}: must be positive and at least "
                                 f"PEAL_IMAGE_SIZE ({self.image_size})")
+        if not 0 <= self.adapt_growth <= 100:
+            raise SettingsError(f"PEAL_ADAPT_GROWTH={self.adapt_growth}: must be between 0 (off) and 100")
         if self.lora_last_k < 0 or self.warm_min_steps < 1 or self.full_retrain_every < 0:
             raise SettingsError("PEAL_LORA_LAST_K and PEAL_FULL_RETRAIN_EVERY must be >= 0, PEAL_WARM_MIN_STEPS >= 1")
         if not 0 <= self.duplicate_similarity <= 1:

@@ -29,7 +29,7 @@ from . import acquisition, quality
 from .backbone import Classifier, build_classifier
 from .config import Settings
 from .scoring import ActivationCache, cache_key, cacheable, frozen_activations, score_cached, score_from_activations
-from .training import Prediction, fit, predict
+from .training import Prediction, fit, head_outputs, predict, refresh_head
 
 
 @dataclass
@@ -61,6 +61,7 @@ class CycleResult:
     # label quality (settings.mislabeling, settings.duplicate_similarity), for the labeled items:
     mislabeling: quality.Mislabeling | None = None  # None: off, or no classifier
     neighbors: dict[int, list[int]] | None = None   # labeled position -> near-duplicate positions (labeled first)
+    adapted: np.ndarray | None = None  # (n_labeled + n_pool, D) the head's input features, labeled first; None if cold
 
     @property
     def trained(self) -> bool:
@@ -147,6 +148,53 @@ def warm_plan(settings: Settings, previous_labels: dict[str, list] | None, label
         return False, None, 0
     new = sum(1 for task, label in labels.items() if previous_labels.get(task) != label)
     return True, new, previous_since_full + 1
+
+
+@dataclass
+class Adapter:
+    """What a trained version keeps so that later cycles can refresh only its head: the adapter and head
+    weights, the labels the adapter trained on (task -> label indices) and the head's input features of
+    every image it scored (labeled and pool), by content hash."""
+    state: dict[str, torch.Tensor]
+    labels: dict[str, list]
+    hashes: list[str]
+    features: np.ndarray  # (len(hashes), D), float16 on disk
+
+    def rows(self, hashes: list[str]) -> np.ndarray | None:
+        """The stored features of `hashes`, in that order; None when any image was not scored by it."""
+        where = {h: i for i, h in enumerate(self.hashes)}
+        idx = [where.get(h) for h in hashes]
+        if any(i is None for i in idx):
+            return None
+        return np.asarray(self.features[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
+
+
+def adapter_of(result: "CycleResult", labels: dict[str, list], hashes: list[str], order: np.ndarray | None = None) -> Adapter:
+    """The `Adapter` a trained cycle leaves: its weights, the labels it trained on and its features of the
+    labeled images then the pool. `hashes`: the images' content hashes in that order, or (with `order`,
+    the labeled positions in `hashes`) of a whole set whose labeled rows come first and the rest follow
+    in index order (the simulator's split)."""
+    if order is not None:
+        rest = np.setdiff1d(np.arange(len(hashes)), order)
+        hashes = [hashes[i] for i in np.concatenate([np.asarray(order, np.int64), rest])]
+    return Adapter(result.classifier.trainable_state(), dict(labels), list(hashes),
+                   np.asarray(result.adapted, dtype=np.float16))
+
+
+def changed_labels(before: dict[str, list], now: dict[str, list]) -> int:
+    """Labels given, changed or removed between two labelings (task -> label indices)."""
+    return sum(1 for task, label in now.items() if before.get(task) != label) + sum(1 for task in before if task not in now)
+
+
+def refresh_plan(settings: Settings, adapter_labels: dict[str, list] | None, labels: dict[str, list]) -> bool:
+    """Whether this cycle only refreshes the head (PEAL_ADAPT_GROWTH): an adapter is there to keep
+    (`adapter_labels`: what it trained on, None when there is none usable) and the labels new or changed
+    since it trained are fewer than `adapt_growth` times the labels it trained on. So the adapter trains
+    on every cycle while labels are few, then each time the labeled set has grown by that fraction: the
+    adapter's trainings grow logarithmically with the labels, the head follows every label."""
+    if settings.adapt_growth <= 0 or settings.adapter == "linear" or not adapter_labels:
+        return False
+    return changed_labels(adapter_labels, labels) < settings.adapt_growth * len(adapter_labels)
 
 
 # --- scoring -------------------------------------------------------------------------------------------
@@ -238,13 +286,17 @@ def label_quality(settings: Settings, frozen: np.ndarray, targets: torch.Tensor,
 def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool: ImageSet, n_classes: int, *,
               multiple: bool = False, init: dict[str, torch.Tensor] | None = None,
               progress: Callable[[int, int, float], None] | None = None,
-              cache_dir: str | None = None, new_labels: int | None = None) -> CycleResult:
+              cache_dir: str | None = None, new_labels: int | None = None,
+              refresh: np.ndarray | None = None) -> CycleResult:
     """Train (or, with fewer than two classes labeled, don't), score the pool and rank it.
 
     The frozen backbone's features of every image (from the activation cache when `cache_dir` is
     given) serve the cold phase, coverage strategies and Label Studio's clusters; they do not change
     between versions, so neither do the clusters. `init` (a previous adapter) with `new_labels` (how
-    many labels it has not seen, `warm_plan`) makes an incremental cycle with a scaled step budget."""
+    many labels it has not seen, `warm_plan`) makes an incremental cycle with a scaled step budget.
+    `init` with `refresh` (the head's input features under `init`'s adapter of every labeled and pool
+    image, labeled first: `Adapter.rows`) makes a head refresh (`refresh_plan`): the adapter is kept,
+    the head solved again on the labeled rows and the pool scored from its rows, with no forward pass."""
     n_lab = len(labeled)
     everything = concat(labeled, pool)
     probe = build_classifier(settings.replace(adapter="linear"), n_classes)
@@ -259,14 +311,18 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     labels = class_ids(targets) if n_lab else np.zeros(0, np.int64)
     strategy = auto_strategy(settings, labels, n_classes, trainable)
     metrics: dict = {"phase": "trained" if trainable else "cold", "strategy": strategy,
-                     "warm": init is not None and trainable}
+                     "warm": init is not None and trainable, "refresh": None}
 
     clf = None
     if trainable:
         clf = probe if settings.adapter == "linear" else adapted
         if init is not None:
             clf.load_trainable(init)
-        if settings.adapter == "linear":  # the head is solved from scratch on the features already at hand,
+        if refresh is not None and init is not None and settings.adapter != "linear":
+            metrics.update(refresh_head(clf, torch.from_numpy(refresh[:n_lab]), targets, settings, multilabel=multiple))
+            outputs = head_outputs(clf, refresh, multilabel=multiple)
+            metrics.update(refresh="head", warm=False)
+        elif settings.adapter == "linear":  # the head is solved from scratch on the features already at hand,
             metrics.update(fit(clf, torch.zeros(0), targets, settings, multilabel=multiple,  # and applied to them
                                features=torch.from_numpy(frozen[:n_lab])))
             outputs = score_from_activations(clf, frozen, settings, multilabel=multiple)
@@ -281,13 +337,14 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     else:
         outputs = _uniform(n_lab + len(pool), n_classes, frozen)
     metrics["score_seconds"] = round(score_seconds, 3)  # the pool and the labeled set through the model
+    adapted = outputs.embeddings if trainable else None
     mislabeling, neighbors, seconds = label_quality(settings, frozen, targets, n_classes, multiple, trainable)
     metrics.update(seconds)
 
     if len(pool) == 0:
         empty = np.zeros(0, np.int64)
         return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], empty, np.zeros(0),
-                           empty, strategy, mislabeling, neighbors)
+                           empty, strategy, mislabeling, neighbors, adapted)
     probs = outputs.probs
     if multiple:  # strategies expect rows that sum to 1; sigmoid outputs are renormalised
         probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
@@ -304,4 +361,4 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     clusters = (acquisition.clusters(frozen, k=settings.clusters or None, seed=settings.seed)
                 if settings.clusters >= 0 else np.zeros(0, np.int64))
     return CycleResult(clf, metrics, _rows(outputs, slice(n_lab, None)), frozen[n_lab:], order - n_lab, scores,
-                       clusters, strategy, mislabeling, neighbors)
+                       clusters, strategy, mislabeling, neighbors, adapted)

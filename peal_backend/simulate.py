@@ -36,14 +36,14 @@ import torch
 from . import acquisition
 from .backbone import BackboneLoadError, input_size, load_backbone
 from .config import Settings, SettingsError
-from .cycle import CycleResult, ImageSet, run_cycle, score_images, served_next, warm_plan
+from .cycle import Adapter, CycleResult, ImageSet, adapter_of, refresh_plan, run_cycle, score_images, served_next, warm_plan
 from .images import decode_image, preprocess, to_pil
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 COLUMNS = ("dataset", "config", "adapter", "strategy", "balance", "calibration", "warm_start", "seed", "cycle",
            "labels", "accuracy", "macro_f1", "ece", "unknown_ratio", "unknown_fraction",
            "train_seconds", "select_seconds", "eval_seconds", "budget", "backbone", "lora_last_k", "phase_strategy",
-           "settings")
+           "settings", "adapt_growth", "refresh")
 # Settings that never change a simulated curve (where things live, how the server runs)
 _NOT_RESULTS = ("label_studio_url", "label_studio_api_key", "model_dir", "log_level", "port", "basic_auth_user",
                 "basic_auth_pass", "redis_url", "queue_name", "job_lock_ttl", "job_timeout", "cache_dir", "torch_threads",
@@ -355,14 +355,18 @@ def prepare(data: Dataset, settings: Settings, cache_dir: str | Path) -> Prepare
 
 
 def simulated_cycle(prep: Prepared, settings: Settings, labeled: np.ndarray, init: dict | None = None,
-                    new_labels: int | None = None) -> CycleResult:
+                    new_labels: int | None = None, adapter: Adapter | None = None) -> CycleResult:
     """The backend's cycle on the train split, `labeled` (train indices, in the order Label Studio lists
-    their tasks) labeled, the rest the pool (in index order)."""
+    their tasks) labeled, the rest the pool (in index order). With `adapter` it is a head refresh."""
     labeled = np.asarray(labeled, dtype=np.int64)
     unlabeled = np.setdiff1d(np.arange(len(prep.data.train_labels)), labeled)
     targets = torch.from_numpy(prep.data.train_labels[labeled])
-    return run_cycle(settings, prep.images("train", labeled), targets, prep.images("train", unlabeled),
-                     prep.data.n_classes, init=init, cache_dir=prep.cache_dir, new_labels=new_labels)
+    lab, pool = prep.images("train", labeled), prep.images("train", unlabeled)
+    refresh = adapter.rows(lab.hashes + pool.hashes) if adapter is not None else None
+    if refresh is not None:
+        init = adapter.state
+    return run_cycle(settings, lab, targets, pool, prep.data.n_classes, init=init, cache_dir=prep.cache_dir,
+                     new_labels=new_labels, refresh=refresh)
 
 
 def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cycles: int, budget: int) -> Iterator[dict]:
@@ -379,6 +383,7 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
     n_train = len(data.train_labels)
     labeled = np.zeros(0, dtype=np.int64)
     solved: dict[int, int] = {}  # cluster -> tasks the annotator labeled in it, as Label Studio counts
+    adapter = None  # the last adapter trained, for head refreshes (PEAL_ADAPT_GROWTH)
     last = None  # (adapter state, task -> label it trained on, cycles since its full training): what
     result = simulated_cycle(prep, s, labeled)  # the backend keeps in a version. The project just connected
     for cycle in range(cycles):
@@ -395,7 +400,8 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
         t1 = time.perf_counter()
         trained_labels = {str(i): [int(data.train_labels[i])] for i in labeled}
         warm, new_labels, since_full = warm_plan(s, last[1] if last else None, trained_labels, last[2] if last else None)
-        result = simulated_cycle(prep, s, labeled, last[0] if warm else None, new_labels)
+        refresh = refresh_plan(s, adapter.labels if adapter else None, trained_labels)
+        result = simulated_cycle(prep, s, labeled, last[0] if warm else None, new_labels, adapter if refresh else None)
         t2 = time.perf_counter()
         if result.trained:
             probs = score_images(result.classifier, s, prep.images("test"), prep.cache_dir).probs
@@ -405,8 +411,11 @@ def run_seed(prep: Prepared, settings: Settings, variant: Variant, seed: int, cy
         t3 = time.perf_counter()
         if result.trained:  # as the job saves it (the backend keeps a version's adapter and its labels)
             last = (result.classifier.trainable_state(), trained_labels, since_full)
+            if not result.metrics.get("refresh"):  # a new adapter, and its features of every image
+                adapter = adapter_of(result, trained_labels, prep.train_hashes, labeled)
         yield {"cycle": cycle, "labels": int(labeled.size), **test_metrics(probs, data.test_labels, data.n_classes),
                **row_pick, "phase_strategy": result.strategy if result.trained else f"{result.strategy} (no classifier)",
+               "refresh": result.metrics.get("refresh") or "",
                "train_seconds": t2 - t1, "eval_seconds": t3 - t2, "select_seconds": t1 - t0}
 
 
@@ -427,7 +436,8 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_results(csv_path)
-    common = {"dataset": data.name, "warm_start": settings.warm_start, "budget": budget, "backbone": settings.backbone,
+    common = {"dataset": data.name, "warm_start": settings.warm_start, "adapt_growth": settings.adapt_growth,
+              "budget": budget, "backbone": settings.backbone,
               "settings": settings_key(settings)}
 
     def describe(v: Variant, seed: int) -> dict:

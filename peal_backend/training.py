@@ -228,12 +228,7 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
         prefix = prefix.to(device, _dtype(model))
     if features is None:
         features = frozen_features(model, pixels, settings.inference_batch_size, prefix)
-    calibration = settings.calibration_weight if settings.calibration and not multilabel else 0.0
-    weight, bias = fit_head(features, targets, model.head.out_features, multilabel=multilabel,
-                            c=settings.head_c, calibration_weight=calibration)
-    with torch.no_grad():
-        model.head.weight.copy_(weight.to(device))
-        model.head.bias.copy_(bias.to(device))
+    solve_head(model, features, targets, settings, multilabel=multilabel)
     head_seconds = time.perf_counter() - started
     if not adapter_params:  # linear probe: the fitted head is the model
         model.eval()
@@ -279,6 +274,38 @@ def fit(model: Classifier, pixels: torch.Tensor, targets: torch.Tensor, settings
     model.eval()
     return {"steps": total, "n_labeled": n, "final_loss": float(np.mean(losses[-steps_per_epoch:])),
             "head_seconds": round(head_seconds, 3), "train_seconds": round(time.perf_counter() - started, 3)}
+
+
+def solve_head(model: Classifier, features: torch.Tensor, targets: torch.Tensor, settings: Settings, *,
+               multilabel: bool = False) -> None:
+    """Set `model`'s head to the logistic regression solved on `features` (`fit_head`, with C-PEAL's
+    calibration term when it is on): LP-FT's first step, and all of a head refresh."""
+    calibration = settings.calibration_weight if settings.calibration and not multilabel else 0.0
+    weight, bias = fit_head(features, targets, model.head.out_features, multilabel=multilabel,
+                            c=settings.head_c, calibration_weight=calibration)
+    with torch.no_grad():
+        model.head.weight.copy_(weight.to(model.head.weight.device, model.head.weight.dtype))
+        model.head.bias.copy_(bias.to(model.head.bias.device, model.head.bias.dtype))
+
+
+def refresh_head(model: Classifier, features: torch.Tensor, targets: torch.Tensor, settings: Settings, *,
+                 multilabel: bool = False) -> dict:
+    """A head refresh: the adapter stays as it is, the head is solved again on `features` (the labeled
+    images' features under this adapter, stored with the version that trained it)."""
+    started = time.perf_counter()
+    solve_head(model, features, targets, settings, multilabel=multilabel)
+    model.eval()
+    return {"steps": 0, "n_labeled": len(features), "final_loss": _head_loss(model, features, targets, multilabel),
+            "head_seconds": round(time.perf_counter() - started, 3), "train_seconds": round(time.perf_counter() - started, 3)}
+
+
+def head_outputs(model: Classifier, features: np.ndarray, *, multilabel: bool = False) -> Prediction:
+    """The head applied to features already computed (a head refresh scores the pool from stored rows)."""
+    with torch.inference_mode():
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        logits = model.head(feats.to(model.head.weight.device, model.head.weight.dtype)).float().cpu()
+    probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+    return Prediction(probs.numpy(), logits.numpy(), feats.numpy())
 
 
 def _head_loss(model: Classifier, features: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> float:
