@@ -215,7 +215,7 @@ def main() -> None:
                 meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
                 rows.append({"label": k, "seconds": seconds, "status": got.get("status"), "strategy": got.get("strategy"),
                              "load": os.getloadavg()[0], "steps": (meta.get("metrics") or {}).get("steps"),
-                             "warm": bool(meta.get("warm_started_from")),
+                             "cycle": "head only" if meta.get("refresh") else "warm" if meta.get("warm_started_from") else "",
                              "version": got.get("model_version"), **{ph: (got.get("timings") or {}).get(ph) for ph in PHASES}})
                 print(f"label {k}: fresh after {seconds:.1f} s ({got.get('model_version')}, {got.get('status')}, "
                       f"{got.get('timings')})", flush=True)
@@ -256,11 +256,11 @@ def report(rows: list[dict], first_pass: float, args) -> str:
              f"{args.load_at_start:.1f} (2 cores)."
              + (f" Label Studio answered /next with an error {len(NEXT_ERRORS)} times (asked again; before a label's "
                 "clock starts)." if NEXT_ERRORS else ""), "",
-             "| label | fresh after s | version | kind | strategy | steps | warm | load | " + " | ".join(f"{p} s" for p in PHASES) + " |",
+             "| label | fresh after s | version | kind | strategy | steps | cycle | load | " + " | ".join(f"{p} s" for p in PHASES) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(PHASES)]
     for r in rows:
         lines.append(f"| {r['label']} | {r['seconds']:.1f} | {r['version']} | {r['status']} | {r['strategy']} | "
-                     f"{'' if r['steps'] is None else r['steps']} | {'yes' if r['warm'] else ''} | {r['load']:.1f} | "
+                     f"{'' if r['steps'] is None else r['steps']} | {r['cycle']} | {r['load']:.1f} | "
                      + " | ".join("" if r[p] is None else f"{r[p]:.1f}" for p in PHASES) + " |")
     return "\n".join(lines) + "\n"
 

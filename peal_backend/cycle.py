@@ -161,12 +161,17 @@ class Adapter:
     features: np.ndarray  # (len(hashes), D), float16 on disk
 
     def rows(self, hashes: list[str]) -> np.ndarray | None:
-        """The stored features of `hashes`, in that order; None when any image was not scored by it."""
-        where = {h: i for i, h in enumerate(self.hashes)}
-        idx = [where.get(h) for h in hashes]
-        if any(i is None for i in idx):
-            return None
-        return np.asarray(self.features[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
+        return feature_rows(self.hashes, self.features, hashes)
+
+
+def feature_rows(known: list[str], features: np.ndarray, hashes: list[str]) -> np.ndarray | None:
+    """The rows of `features` (one per image of `known`, by content hash) for `hashes`, in that order, as
+    float32; None when any of them is not known."""
+    where = {h: i for i, h in enumerate(known)}
+    idx = [where.get(h) for h in hashes]
+    if any(i is None for i in idx):
+        return None
+    return np.asarray(features[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
 
 
 def adapter_of(result: "CycleResult", labels: dict[str, list], hashes: list[str], order: np.ndarray | None = None) -> Adapter:

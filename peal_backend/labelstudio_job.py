@@ -17,14 +17,14 @@ import torch
 
 from .backbone import input_size, load_backbone
 from .config import Settings
-from .cycle import ImageSet, run_cycle, warm_plan
+from .cycle import ImageSet, feature_rows, refresh_plan, run_cycle, warm_plan
 from .jobs import check_lease
 from . import learning
 from .progress import JobProgress
 from .images import ImageError, ImageFetcher, content_hash, preprocess
 from .labelstudio import LabelStudio
-from .model import (CLUSTERS_FILE, QUEUE_FILE, TRAINED_FILE, LabelSpec, PayloadError, choices_result, model_settings, parse_label_config,
-                    task_image_url, version_prefix)
+from .model import (ADAPTER_FILE, CLUSTERS_FILE, FEATURE_HASHES_FILE, FEATURES_FILE, QUEUE_FILE, TRAINED_FILE, LabelSpec,
+                    PayloadError, choices_result, model_settings, parse_label_config, task_image_url, version_prefix)
 from .sharding import prefill_sharded
 from .store import ModelStore, version_number
 
@@ -83,6 +83,32 @@ def labeled_examples(labeled: list[tuple[dict, dict]], project: int, spec: Label
 
 COLD_START_PREFIX = "peal-coldstart"  # versions that only order the queue: no classifier yet
 QUALITY_PREFIX = "peal-quality"  # labeled tasks' label-quality predictions (`mislabeling`, `neighbors`)
+
+
+def stored_adapter(store: ModelStore, latest, hashes: list[str]) -> tuple[dict, np.ndarray] | None:
+    """What a head refresh needs from the latest version (`cycle.refresh_plan`): the labels its adapter
+    trained on and its adapted features of `hashes` (the labeled images, then the pool), or None when it
+    stored none or did not score one of these images (a task added since: the adapter then trains)."""
+    labels = store.read_json(latest, ADAPTER_FILE)
+    known = store.read_json(latest, FEATURE_HASHES_FILE)
+    if not labels or not known:
+        return None
+    features = store.read_array(latest, FEATURES_FILE)
+    if features is None or len(features) != len(known):
+        log.warning("project %s: %s has %s rows of adapted features for %d images; the adapter trains", latest.project,
+                    latest.name, "no" if features is None else len(features), len(known))
+        return None
+    rows = feature_rows(known, features, hashes)
+    return None if rows is None else (labels, rows)
+
+
+def adapter_files(result, adapter_labels: dict, hashes: list[str]) -> dict:
+    """A trained version's files for the head refreshes after it: the labels its adapter trained on and
+    the head's input features of every image it scored (labeled, then pool), as float16."""
+    if not result.trained or result.adapted is None:
+        return {}
+    return {ADAPTER_FILE: adapter_labels, FEATURE_HASHES_FILE: list(hashes),
+            FEATURES_FILE: np.asarray(result.adapted, dtype=np.float16)}
 
 
 def quality_version(version: str) -> str:
@@ -171,13 +197,18 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         previous_labels = store.read_json(latest, TRAINED_FILE)
         since_full = latest.meta.get("cycles_since_full")
     warm, new_labels, since_full = warm_plan(settings, previous_labels, trained_labels, since_full)
-    init = latest.weights() if warm else None
+    adapter = stored_adapter(store, latest, hashes + pool_hashes) if previous_labels is not None else None
+    refresh = adapter is not None and refresh_plan(settings, adapter[0], trained_labels)
+    init = latest.weights() if warm or refresh else None
     labeled = ImageSet.from_tensor(hashes, preprocess(images, size) if images else torch.zeros(0, 3, size, size))
     pool = ImageSet(pool_hashes, lambda positions: preprocess(
         [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
+    if refresh:
+        track.phase("training", f"solving the head again on {len(tasks)} labels (the adapter of {latest.name} kept)")
     result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
                        cache_dir=settings.activation_cache_dir if settings.activation_cache else None,
-                       progress=track.step, new_labels=new_labels)
+                       progress=track.step, new_labels=None if refresh else new_labels,
+                       refresh=adapter[1] if refresh else None)
     score_seconds = float(result.metrics["score_seconds"])  # the backbone's features and the pool's scores
     track.phase("saving", "saving the new version")
 
@@ -188,7 +219,9 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
             "trained": result.trained, "strategy": result.strategy, "strategy_setting": settings.strategy,
             "balance": settings.balance, "calibration": settings.calibration,
-            "warm_started_from": latest.name if init is not None else None, "new_labels": new_labels,
+            "warm_started_from": latest.name if warm and not refresh else None, "new_labels": new_labels,
+            "refresh": "head" if refresh else None,
+            "adapter_from": (latest.meta.get("adapter_from") or latest.name) if refresh else None,
             "cycles_since_full": since_full if result.trained else None, "reason": reason,
             "metrics": {**result.metrics, "n_labeled": len(tasks), "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
                         "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
@@ -200,7 +233,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
     version = store.save(project, prefix, state, meta,
                          files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)},
-                                TRAINED_FILE: trained_labels if result.trained else {}, **dash_files},
+                                TRAINED_FILE: trained_labels if result.trained else {}, **dash_files,
+                                **adapter_files(result, adapter[0] if refresh else trained_labels, hashes + pool_hashes)},
                          keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))
     log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
              "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)

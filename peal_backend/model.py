@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 QUEUE_FILE = "queue.json"  # task id -> queue score, written with each version by the training cycle
 CLUSTERS_FILE = "clusters.json"  # task id -> Label Studio cluster, written beside it
 TRAINED_FILE = "trained_labels.json"  # task id -> label indices the version trained on (incremental cycles)
+ADAPTER_FILE = "adapter_labels.json"  # task id -> label indices its adapter trained on (head refreshes)
+FEATURES_FILE = "adapted_features.npy"  # the head's input features of every image it scored (float16)
+FEATURE_HASHES_FILE = "adapted_hashes.json"  # their images' content hashes, row by row
 FETCH_THREADS = 8  # images of one /predict fetched at once
 
 

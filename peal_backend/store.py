@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -97,7 +98,8 @@ class ModelStore:
 
     def save(self, project: int, prefix: str, weights: dict[str, torch.Tensor], meta: dict,
              files: dict[str, object] | None = None, keep: int = 0, after: int = 0) -> ModelVersion:
-        """Write a new version atomically and return it. `files`: extra JSON documents by file name.
+        """Write a new version atomically and return it. `files`: extra documents by file name, JSON, or
+        .npy for a numpy array.
         Its number is above every version here and above `after` (numbers taken elsewhere, e.g. by
         versions Label Studio still holds from a MODEL_DIR that was lost)."""
         with self._lock(project) as d:
@@ -113,8 +115,11 @@ class ModelStore:
                 meta = {**meta, "version": name, "project": int(project), "created_at": time.time()}
                 docs = {META: meta, **(files or {})}
                 for fname, doc in docs.items():
-                    with open(tmp / fname, "w") as f:
-                        json.dump(doc, f)
+                    with open(tmp / fname, "wb" if isinstance(doc, np.ndarray) else "w") as f:
+                        if isinstance(doc, np.ndarray):
+                            np.save(f, doc, allow_pickle=False)
+                        else:
+                            json.dump(doc, f)
                         f.flush()
                         os.fsync(f.fileno())
                 with open(tmp / WEIGHTS, "rb") as f:
@@ -133,6 +138,13 @@ class ModelStore:
                     os.rename(d / old, trash)
                     shutil.rmtree(trash, ignore_errors=True)
             return self.get(project, name)
+
+    def read_array(self, version: ModelVersion, fname: str) -> np.ndarray | None:
+        """A numpy array saved with the version, None if it has none by that name."""
+        try:
+            return np.load(version.path / fname, allow_pickle=False)
+        except FileNotFoundError:
+            return None
 
     def read_json(self, version: ModelVersion, fname: str, default=None):
         try:

@@ -288,3 +288,42 @@ def test_warm_plan_counts_new_and_changed_labels_and_retrains_fully_every_n():
     assert warm_plan(s, before, {"1": [0]}, None) == (False, None, 0)     # a version from before incremental cycles
     assert warm_plan(s.replace(warm_start=False), before, before, 0) == (False, None, 0)
     assert warm_plan(s.replace(full_retrain_every=0), before, before, 99) == (True, 0, 100)
+
+
+def test_refresh_plan_keeps_the_adapter_until_the_labels_have_grown_by_the_fraction():
+    from peal_backend.cycle import changed_labels, refresh_plan
+    s = Settings(adapter="lora", adapt_growth=0.25)
+    trained = {str(i): [i % 2] for i in range(8)}       # the adapter trained on 8 labels: refresh while < 2 changed
+    assert refresh_plan(s, trained, {**trained, "8": [0]})                      # 1 new
+    assert not refresh_plan(s, trained, {**trained, "8": [0], "9": [1]})        # 2 new: the adapter trains
+    assert not refresh_plan(s, trained, {**trained, "0": [1], "8": [0]})        # 1 new + 1 relabeled
+    removed = {k: v for k, v in trained.items() if k != "3"}
+    assert changed_labels(trained, {**removed, "8": [0]}) == 2                  # a removed label counts too
+    assert not refresh_plan(s, trained, {**removed, "8": [0]})
+    assert not refresh_plan(s.replace(adapt_growth=0.0), trained, trained)      # off
+    assert not refresh_plan(s.replace(adapter="linear"), trained, trained)      # a probe's cycle is a head fit anyway
+    assert not refresh_plan(s, None, trained) and not refresh_plan(s, {}, trained)  # no adapter to keep
+    with pytest.raises(SettingsError, match="PEAL_ADAPT_GROWTH"):
+        Settings(adapt_growth=-1)
+
+
+def test_feature_rows_and_a_version_that_did_not_score_an_image(tmp_path):
+    """The stored features come back by content hash in the asked order; a task whose image the version
+    never scored (added since) means no refresh: the adapter trains."""
+    from peal_backend.cycle import feature_rows
+    from peal_backend.labelstudio_job import stored_adapter
+    from peal_backend.model import ADAPTER_FILE, FEATURE_HASHES_FILE, FEATURES_FILE
+    from peal_backend.store import ModelStore
+
+    feats = np.arange(12, dtype=np.float16).reshape(4, 3)
+    assert feature_rows(["a", "b", "c", "d"], feats, ["c", "a"]).tolist() == [[6, 7, 8], [0, 1, 2]]
+    assert feature_rows(["a", "b"], feats[:2], ["a", "z"]) is None
+    store = ModelStore(tmp_path)
+    v = store.save(1, "peal-lora-r8", {"w": torch.zeros(1)}, {},
+                   files={ADAPTER_FILE: {"1": [0]}, FEATURE_HASHES_FILE: ["a", "b", "c", "d"], FEATURES_FILE: feats})
+    assert store.read_array(v, FEATURES_FILE).dtype == np.float16
+    labels, rows = stored_adapter(store, v, ["b", "d"])
+    assert labels == {"1": [0]} and rows.dtype == np.float32 and rows.tolist() == [[3, 4, 5], [9, 10, 11]]
+    assert stored_adapter(store, v, ["b", "new"]) is None
+    bare = store.save(1, "peal-lora-r8", {"w": torch.zeros(1)}, {})             # a version from before refreshes
+    assert stored_adapter(store, bare, ["a"]) is None and store.read_array(bare, FEATURES_FILE) is None

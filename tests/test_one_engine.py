@@ -10,12 +10,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from peal_backend import simulate as sim
 from peal_backend.config import Settings
 from peal_backend.labelstudio import LabelStudio
 from peal_backend.labelstudio_job import train_project
-from peal_backend.model import CLUSTERS_FILE, QUEUE_FILE
+from peal_backend.cycle import adapter_of
+from peal_backend.model import ADAPTER_FILE, CLUSTERS_FILE, FEATURE_HASHES_FILE, FEATURES_FILE, QUEUE_FILE, TRAINED_FILE
 from peal_backend.store import ModelStore
 from tests.labelstudio_fixture import label_studio  # noqa: F401  (fixture)
 from tests.test_e2e_labelstudio import LABELS, annotate, backbone, make_project, xrays  # noqa: F401  (fixtures)
@@ -107,3 +109,61 @@ def test_incremental_cycles_warm_start_alike_in_the_job_and_the_simulator(label_
     train_project(pid, settings, "test")  # the second cycle since the full one: full again
     v3 = store.latest(pid)
     assert (v3.meta["warm_started_from"], v3.meta["cycles_since_full"], v3.meta["metrics"]["steps"]) == (None, 0, 20)
+
+
+def test_head_refresh_alike_in_the_job_and_the_simulator(label_studio, xrays, backbone, tmp_path):
+    """PEAL_ADAPT_GROWTH: the job's first training trains LoRA and stores its features of every image; the
+    next one (1 new label, under 0.5 x 4) keeps that LoRA and solves only the head again on the stored
+    features; the simulator, running the same plan on the same labels, ranks the pool the same; once the
+    labels have grown by half, LoRA trains again."""
+    server = label_studio
+    client = LabelStudio(server.url, server.token)
+    pid, truth = make_project(server, xrays, "head refresh", 16, 6)
+    tasks = sorted(client.tasks(pid), key=lambda t: t["id"])
+    by_class = {lab: [t["id"] for t in tasks if truth[t["id"]] == lab] for lab in LABELS}
+    annotate(server, by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2], truth)
+    settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
+                        backbone=backbone[0], image_size=backbone[1], strategy="margin", adapter="lora",
+                        adapt_growth=0.5, min_steps=20)
+    store = ModelStore(settings.model_dir)
+
+    train_project(pid, settings, "test")
+    v1 = store.latest(pid)
+    assert v1.meta["refresh"] is None and v1.meta["metrics"]["steps"] == 20
+    assert store.read_json(v1, ADAPTER_FILE) == store.read_json(v1, TRAINED_FILE) and len(store.read_json(v1, ADAPTER_FILE)) == 4
+    features = store.read_array(v1, FEATURES_FILE)
+    assert features.dtype == np.float16 and features.shape[0] == len(store.read_json(v1, FEATURE_HASHES_FILE)) == len(tasks)
+
+    annotate(server, [by_class[LABELS[0]][2]], truth)
+    second = train_project(pid, settings, "test")
+    v2 = store.latest(pid)
+    assert (v2.meta["refresh"], v2.meta["adapter_from"], v2.meta["metrics"]["steps"]) == ("head", v1.name, 0)
+    assert store.read_json(v2, ADAPTER_FILE) == store.read_json(v1, ADAPTER_FILE)  # the adapter's labels, not the head's
+    w1, w2 = v1.weights(), v2.weights()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if not k.startswith("head."))  # LoRA kept
+    assert not torch.equal(w1["head.weight"], w2["head.weight"])                    # the head solved again
+    queue = store.read_json(v2, QUEUE_FILE)
+    job_order = [int(t) for t in sorted(queue, key=queue.get)]
+
+    images, labels = xrays
+    data = sim.Dataset("xrays", images[[image_index(t) for t in tasks]],
+                       np.array([LABELS.index(truth[t["id"]]) for t in tasks]), images[:2], labels[:2].astype(np.int64),
+                       list(LABELS))
+    prep = sim.prepare(data, settings, tmp_path / "sim-cache")
+    index = {t["id"]: i for i, t in enumerate(tasks)}
+    first_labeled = np.array(sorted(index[t] for t in by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2]))
+    first = sim.simulated_cycle(prep, settings, first_labeled)
+    adapter = adapter_of(first, {str(tasks[i]["id"]): [int(data.train_labels[i])] for i in first_labeled},
+                         prep.train_hashes, first_labeled)
+    labeled = np.array(sorted(index[t] for t in by_class[LABELS[0]][:3] + by_class[LABELS[1]][:2]))
+    cycle = sim.simulated_cycle(prep, settings, labeled, adapter=adapter)
+    assert cycle.metrics["refresh"] == "head"
+    unlabeled = np.setdiff1d(np.arange(len(tasks)), labeled)
+    assert [tasks[unlabeled[i]]["id"] for i in cycle.order] == job_order
+    assert second["label_next"] == job_order[0]
+
+    annotate(server, by_class[LABELS[1]][2:3], truth)  # 2 labels new since LoRA trained on 4: it trains again
+    train_project(pid, settings, "test")
+    v3 = store.latest(pid)
+    assert (v3.meta["refresh"], v3.meta["metrics"]["steps"]) == (None, 20)
+    assert len(store.read_json(v3, ADAPTER_FILE)) == 6

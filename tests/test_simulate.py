@@ -221,6 +221,21 @@ def test_picks_are_new_items_and_warm_start_changes_training(tiny_backbone, tmp_
     assert [r["ece"] for r in warm[1:]] != [r["ece"] for r in cold[1:]]
 
 
+def test_head_refreshes_follow_the_growth_plan(tiny_backbone, tmp_path):
+    """PEAL_ADAPT_GROWTH=0.5 with 4 labels a cycle: LoRA trains at 4, 8 and 12 labels (4 new >= half the
+    labels it trained on), the head alone is refreshed at 16 (4 new < 0.5 x 12), LoRA trains at 20 (8 new);
+    the refresh changes the curve."""
+    s = Settings(backbone=tiny_backbone, min_steps=5, epochs=1, clusters=-1)
+    prep = sim.prepare(_small_dataset(), s, tmp_path / "cache")
+    lora = sim.Variant("lora", "entropy")
+    full = list(sim.run_seed(prep, s, lora, 0, cycles=5, budget=4))
+    grown = list(sim.run_seed(prep, s.replace(adapt_growth=0.5), lora, 0, cycles=5, budget=4))
+    assert [r["refresh"] for r in full] == [""] * 5
+    assert [r["refresh"] for r in grown] == ["", "", "", "head", ""]
+    assert [r["ece"] for r in grown[:3]] == [r["ece"] for r in full[:3]]  # the same until the first refresh
+    assert grown[3]["ece"] != full[3]["ece"]
+
+
 def test_a_project_with_few_labels_is_served_in_coverage_order_then_trains(tiny_backbone, tmp_path):
     """auto: the cold cycle (no label) only orders; a classifier is trained once two classes are in."""
     s = Settings(backbone=tiny_backbone, clusters=-1)
