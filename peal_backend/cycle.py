@@ -202,6 +202,15 @@ def refresh_plan(settings: Settings, adapter_labels: dict[str, list] | None, lab
     return changed_labels(adapter_labels, labels) < settings.adapt_growth * len(adapter_labels)
 
 
+def may_defer(settings: Settings, adapter_labels: dict[str, list] | None, labels: dict[str, list]) -> bool:
+    """Whether an adapter training that is due (`refresh_plan` said no) may still wait for a pause in the
+    annotations: while the labels new or changed since the adapter trained stay under twice the growth
+    that made it due. Beyond that it trains even while labels arrive, so it lags by at most 2x."""
+    if settings.adapt_growth <= 0 or not adapter_labels:
+        return False
+    return changed_labels(adapter_labels, labels) < 2 * settings.adapt_growth * len(adapter_labels)
+
+
 # --- scoring -------------------------------------------------------------------------------------------
 
 POOL_CHUNK = 1024  # pool images preprocessed at once: bounds memory (224 px: 0.6 MB per image)

@@ -401,6 +401,20 @@ def check_lease() -> None:
                         "nothing saved or pushed from here")
 
 
+def another_requested() -> bool:
+    """Whether a training of the job's project was requested since this job started (a label submitted
+    meanwhile): a job may then defer work that can wait (`labelstudio_job`: an adapter training after
+    a head refresh) so that the next job makes the queue fresh sooner. Outside a queued job: False."""
+    heartbeat = getattr(_lease, "heartbeat", None)
+    if heartbeat is None:
+        return False
+    try:
+        return bool(heartbeat.store.is_queued(heartbeat.project_id))
+    except Exception as exc:  # Redis unreachable: go on with the work rather than fail the job
+        log.warning("project %s: could not tell whether a training is queued: %s", heartbeat.project_id, exc)
+        return False
+
+
 class _Heartbeat(threading.Thread):
     """Keeps our lease alive: the queued flag while we wait, the running lock while we run."""
 

@@ -17,8 +17,8 @@ import torch
 
 from .backbone import input_size, load_backbone
 from .config import Settings
-from .cycle import ImageSet, feature_rows, refresh_plan, run_cycle, warm_plan
-from .jobs import check_lease
+from .cycle import ImageSet, can_train, feature_rows, may_defer, refresh_plan, run_cycle, warm_plan
+from .jobs import another_requested, check_lease
 from . import learning
 from .progress import JobProgress
 from .images import ImageError, ImageFetcher, content_hash, preprocess
@@ -186,111 +186,144 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         urls = [fetcher.resolve(task_image_url(t, spec)) for t in pool_tasks]
         sharding = prefill_sharded(settings, size, list(zip(pool_hashes, urls)), settings.activation_cache_dir)
 
-    latest = store.latest(project)
-    # the previous version, scored on the labels submitted since it was trained (prequential accuracy)
-    evaluated = learning.previous_evaluation(store, latest, label_of)
-    track.phase("training", f"training on {len(tasks)} labels (with {len(pool_tasks)} unlabeled tasks to score)")
     trained_labels = {str(t["id"]): list(label_of[t["id"]]) for t in tasks}
+    labeled = ImageSet.from_tensor(hashes, preprocess(images, size) if images else torch.zeros(0, 3, size, size))
+    pool = ImageSet(pool_hashes, lambda positions: preprocess(
+        [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
+    cache_dir = settings.activation_cache_dir if settings.activation_cache else None
+
+    def publish(result, latest, extra_meta: dict, adapter_labels: dict) -> dict:
+        """Save `result` as a new version, then push its predictions and move the project to it."""
+        # the previous version, scored on the labels submitted since it was trained (prequential accuracy)
+        evaluated = learning.previous_evaluation(store, latest, label_of)
+        score_seconds = float(result.metrics["score_seconds"])  # the backbone's features and the pool's scores
+        track.phase("saving", "saving the new version")
+        clusters = result.pool_clusters
+        queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
+        state = result.classifier.trainable_state() if result.trained else {}
+        counts = result.classifier.parameter_counts() if result.trained else {"trainable": 0}
+        meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
+                "trained": result.trained, "strategy": result.strategy, "strategy_setting": settings.strategy,
+                "balance": settings.balance, "calibration": settings.calibration, **extra_meta, "reason": reason,
+                "metrics": {**result.metrics, "n_labeled": len(tasks), "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
+                            "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
+                            "pool_sharding": sharding},
+                "parameters": counts}
+        if not result.trained:
+            meta["cycles_since_full"] = None
+        dash_files, cycle_entry = _dashboard_files(settings, spec, result, tasks, pool_tasks, latest, store)
+        check_lease()  # fenced: a job that lost its lease (another training may run) writes nothing
+        saving = time.perf_counter()
+        prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
+        version = store.save(project, prefix, state, meta,
+                             files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)},
+                                    TRAINED_FILE: trained_labels if result.trained else {}, **dash_files,
+                                    **adapter_files(result, adapter_labels, hashes + pool_hashes)},
+                             keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))
+        log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
+                 "head refreshed" if extra_meta.get("refresh") else "trained" if result.trained else "queue order only",
+                 len(tasks), len(pool_tasks), result.strategy)
+
+        learning.record_cycle(settings.model_dir, project, {
+            **cycle_entry, "version": version.name, "created_at": version.meta["created_at"], "data_as_of": data_as_of,
+            "score_seconds": round(score_seconds, 3), "reason": reason}, evaluated)
+
+        pushed = quality_written = 0
+        timings = {"fetch": round(fetch_seconds, 3), "train": result.metrics.get("train_seconds", 0.0),
+                   "score": result.metrics.get("score_seconds", 0.0), "save": round(time.perf_counter() - saving, 3)}
+        if settings.push_predictions:
+            pushing = time.perf_counter()
+            track.phase("pushing", f"pushing {len(pool_tasks)} predictions to Label Studio")
+            check_lease()
+            predictions = []
+            for i, t in enumerate(pool_tasks):
+                p = {"task": t["id"], "score": float(result.queue_scores[i]),
+                     "result": choices_result(spec, result.pool.probs[i], settings.threshold) if result.trained else []}
+                if clusters.size:
+                    p["cluster"] = int(clusters[i])
+                predictions.append(p)
+            pushed = ls.create_predictions(project, predictions, version.name, new_version=version.name not in held)
+            timings["push"] = round(time.perf_counter() - pushing, 3)
+            switching = time.perf_counter()
+            if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
+                check_lease()
+                ls.set_model_version(project, version.name)
+            if settings.set_uncertainty_sampling:
+                ls.set_sampling(project, "Uncertainty sampling")
+            timings["switch"] = round(time.perf_counter() - switching, 3)  # the queue is fresh from here
+            # label quality, after the switch (the queue is fresh already); the previous quality version goes
+            # with the versions no longer kept, so each labeled task has at most one
+            keep = {version.name}
+            if result.mislabeling is not None and result.mislabeling.reason:
+                log.info("project %s: mislabeling: %s", project, result.mislabeling.reason)
+            rows = quality_predictions(spec, result, [t["id"] for t in tasks], [t["id"] for t in pool_tasks],
+                                       settings.quality_max_writes, settings.threshold)
+            if rows:
+                writing = time.perf_counter()
+                track.phase("pushing", f"writing label quality for {len(rows)} labeled tasks")
+                check_lease()
+                judged = quality_version(version.name)
+                quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
+                keep.add(judged)
+                timings["quality"] = round(time.perf_counter() - writing, 3)
+            prune_in_background(ls, store, project, held, keep)
+        first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
+        learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started)
+        return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
+                "refresh": extra_meta.get("refresh"), "strategy": result.strategy, "n_labeled": len(tasks),
+                "n_pool": len(pool_tasks), "predictions_pushed": pushed, "quality_predictions": quality_written,
+                "label_next": first, "failed_images": bad + pool_bad, "skipped_annotations": skipped,
+                "trainable_parameters": counts["trainable"], "timings": timings,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    # What this job runs (PEAL_ADAPT_GROWTH): a head refresh while the adapter's labels are recent enough;
+    # when an adapter training is due, a head refresh first (the queue is fresh within seconds), then the
+    # adapter training, which gives way (`may_defer`) when another label comes meanwhile
+    latest = store.latest(project)
     previous_labels, since_full = None, None
     if (latest is not None and latest.meta.get("model_settings") == model_settings(settings)
             and tuple(latest.meta.get("labels", ())) == spec.labels and latest.meta.get("trained", True)):
         previous_labels = store.read_json(latest, TRAINED_FILE)
         since_full = latest.meta.get("cycles_since_full")
-    warm, new_labels, since_full = warm_plan(settings, previous_labels, trained_labels, since_full)
     adapter = stored_adapter(store, latest, hashes + pool_hashes) if previous_labels is not None else None
-    refresh = adapter is not None and refresh_plan(settings, adapter[0], trained_labels)
-    init = latest.weights() if warm or refresh else None
-    labeled = ImageSet.from_tensor(hashes, preprocess(images, size) if images else torch.zeros(0, 3, size, size))
-    pool = ImageSet(pool_hashes, lambda positions: preprocess(
-        [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
-    if refresh:
+    summary = None
+    if adapter is not None and settings.adapt_growth > 0 and can_train(targets, spec.multiple):
+        refresh_only = refresh_plan(settings, adapter[0], trained_labels)
         track.phase("training", f"solving the head again on {len(tasks)} labels (the adapter of {latest.name} kept)")
-    result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
-                       cache_dir=settings.activation_cache_dir if settings.activation_cache else None,
-                       progress=track.step, new_labels=None if refresh else new_labels,
-                       refresh=adapter[1] if refresh else None)
-    score_seconds = float(result.metrics["score_seconds"])  # the backbone's features and the pool's scores
-    track.phase("saving", "saving the new version")
+        result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=latest.weights(),
+                           cache_dir=cache_dir, refresh=adapter[1])
+        summary = publish(result, latest, {"refresh": "head", "adapter_from": latest.meta.get("adapter_from") or latest.name,
+                                           "cycles_since_full": since_full}, adapter[0])
+        if refresh_only:
+            track.phase("done")
+            return summary
+        latest, deferrable = store.latest(project), may_defer(settings, adapter[0], trained_labels)
 
-    clusters = result.pool_clusters
-    queue = {str(t["id"]): float(s) for t, s in zip(pool_tasks, result.queue_scores)}
-    state = result.classifier.trainable_state() if result.trained else {}
-    counts = result.classifier.parameter_counts() if result.trained else {"trainable": 0}
-    meta = {"labels": list(spec.labels), "multiple": spec.multiple, "model_settings": model_settings(settings),
-            "trained": result.trained, "strategy": result.strategy, "strategy_setting": settings.strategy,
-            "balance": settings.balance, "calibration": settings.calibration,
-            "warm_started_from": latest.name if warm and not refresh else None, "new_labels": new_labels,
-            "refresh": "head" if refresh else None,
-            "adapter_from": (latest.meta.get("adapter_from") or latest.name) if refresh else None,
-            "cycles_since_full": since_full if result.trained else None, "reason": reason,
-            "metrics": {**result.metrics, "n_labeled": len(tasks), "n_pool": len(pool_tasks), "failed_images": bad + pool_bad,
-                        "skipped_annotations": skipped, "fetch_seconds": round(fetch_seconds, 3),
-                        "pool_sharding": sharding},
-            "parameters": counts}
-    dash_files, cycle_entry = _dashboard_files(settings, spec, result, tasks, pool_tasks, latest, store)
-    check_lease()  # fenced: a job that lost its lease (another training may run) writes nothing
-    saving = time.perf_counter()
-    prefix = version_prefix(settings) if result.trained else COLD_START_PREFIX
-    version = store.save(project, prefix, state, meta,
-                         files={QUEUE_FILE: queue, CLUSTERS_FILE: {str(t["id"]): int(c) for t, c in zip(pool_tasks, clusters)},
-                                TRAINED_FILE: trained_labels if result.trained else {}, **dash_files,
-                                **adapter_files(result, adapter[0] if refresh else trained_labels, hashes + pool_hashes)},
-                         keep=settings.keep_versions, after=max((version_number(v) for v in held), default=0))
-    log.info("project %s: saved %s (%s, %d labeled, %d in pool, strategy %s)", project, version.name,
-             "trained" if result.trained else "queue order only", len(tasks), len(pool_tasks), result.strategy)
-
-    learning.record_cycle(settings.model_dir, project, {
-        **cycle_entry, "version": version.name, "created_at": version.meta["created_at"], "data_as_of": data_as_of,
-        "score_seconds": round(score_seconds, 3), "reason": reason}, evaluated)
-
-    pushed = quality_written = 0
-    timings = {"fetch": round(fetch_seconds, 3), "train": result.metrics.get("train_seconds", 0.0),
-               "score": result.metrics.get("score_seconds", 0.0), "save": round(time.perf_counter() - saving, 3)}
-    if settings.push_predictions:
-        pushing = time.perf_counter()
-        track.phase("pushing", f"pushing {len(pool_tasks)} predictions to Label Studio")
-        check_lease()
-        predictions = []
-        for i, t in enumerate(pool_tasks):
-            p = {"task": t["id"], "score": float(result.queue_scores[i]),
-                 "result": choices_result(spec, result.pool.probs[i], settings.threshold) if result.trained else []}
-            if clusters.size:
-                p["cluster"] = int(clusters[i])
-            predictions.append(p)
-        pushed = ls.create_predictions(project, predictions, version.name, new_version=version.name not in held)
-        timings["push"] = round(time.perf_counter() - pushing, 3)
-        switching = time.perf_counter()
-        if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
-            check_lease()
-            ls.set_model_version(project, version.name)
-        if settings.set_uncertainty_sampling:
-            ls.set_sampling(project, "Uncertainty sampling")
-        timings["switch"] = round(time.perf_counter() - switching, 3)  # the queue is fresh from here
-        # label quality, after the switch (the queue is fresh already); the previous quality version goes
-        # with the versions no longer kept, so each labeled task has at most one
-        keep = {version.name}
-        if result.mislabeling is not None and result.mislabeling.reason:
-            log.info("project %s: mislabeling: %s", project, result.mislabeling.reason)
-        rows = quality_predictions(spec, result, [t["id"] for t in tasks], [t["id"] for t in pool_tasks],
-                                   settings.quality_max_writes, settings.threshold)
-        if rows:
-            writing = time.perf_counter()
-            track.phase("pushing", f"writing label quality for {len(rows)} labeled tasks")
-            check_lease()
-            judged = quality_version(version.name)
-            quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
-            keep.add(judged)
-            timings["quality"] = round(time.perf_counter() - writing, 3)
-        prune_in_background(ls, store, project, held, keep)
-    first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
-    learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started)
+        def give_way(step: int, total: int, loss: float | None = None) -> None:
+            track.step(step, total, loss)
+            if deferrable and another_requested():
+                raise AdapterDeferred(f"a label came during the adapter's training (step {step} of {total})")
+    else:
+        give_way = track.step
+    warm, new_labels, since_full = warm_plan(settings, previous_labels, trained_labels, since_full)
+    init = latest.weights() if warm else None
+    track.phase("training", f"training on {len(tasks)} labels (with {len(pool_tasks)} unlabeled tasks to score)")
+    try:
+        result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=init,
+                           cache_dir=cache_dir, progress=give_way, new_labels=new_labels)
+    except AdapterDeferred as exc:
+        log.info("project %s: adapter training deferred: %s; %s serves meanwhile", project, exc, summary["model_version"])
+        track.phase("done")
+        return {**summary, "adapter_deferred": str(exc)}
+    done = publish(result, latest, {"warm_started_from": latest.name if init is not None else None,
+                                    "new_labels": new_labels, "refresh": None, "adapter_from": None,
+                                    "cycles_since_full": since_full}, trained_labels)
     track.phase("done")
-    return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
-            "strategy": result.strategy, "n_labeled": len(tasks), "n_pool": len(pool_tasks),
-            "predictions_pushed": pushed, "quality_predictions": quality_written, "label_next": first, "failed_images": bad + pool_bad,
-            "skipped_annotations": skipped,
-            "trainable_parameters": counts["trainable"], "timings": timings,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {**done, "refreshed_first": summary["model_version"]} if summary else done
+
+
+class AdapterDeferred(Exception):
+    """An adapter training gave way to a label submitted meanwhile (`cycle.may_defer`)."""
 
 
 _pruning: dict[int, threading.Thread] = {}  # project -> the thread deleting its stale versions

@@ -14,6 +14,7 @@ import torch
 
 from peal_backend import simulate as sim
 from peal_backend.config import Settings
+from peal_backend.jobs import TRAIN_JOB, MemoryStore, execute_job
 from peal_backend.labelstudio import LabelStudio
 from peal_backend.labelstudio_job import train_project
 from peal_backend.cycle import adapter_of
@@ -162,8 +163,46 @@ def test_head_refresh_alike_in_the_job_and_the_simulator(label_studio, xrays, ba
     assert [tasks[unlabeled[i]]["id"] for i in cycle.order] == job_order
     assert second["label_next"] == job_order[0]
 
-    annotate(server, by_class[LABELS[1]][2:3], truth)  # 2 labels new since LoRA trained on 4: it trains again
-    train_project(pid, settings, "test")
-    v3 = store.latest(pid)
-    assert (v3.meta["refresh"], v3.meta["metrics"]["steps"]) == (None, 20)
-    assert len(store.read_json(v3, ADAPTER_FILE)) == 6
+    annotate(server, by_class[LABELS[1]][2:3], truth)  # 2 labels new since LoRA trained on 4: it trains again,
+    third = train_project(pid, settings, "test")        # after a head refresh that serves meanwhile
+    refreshed, v4 = store.get(pid, third["refreshed_first"]), store.latest(pid)
+    assert (refreshed.meta["refresh"], len(store.read_json(refreshed, TRAINED_FILE))) == ("head", 6)
+    assert (v4.meta["refresh"], v4.meta["metrics"]["steps"], v4.name) == (None, 20, third["model_version"])
+    assert len(store.read_json(v4, ADAPTER_FILE)) == 6 and v4.number == refreshed.number + 1
+
+
+def test_a_due_adapter_training_gives_way_to_a_new_label_until_it_lags_twice(label_studio, xrays, backbone, tmp_path):
+    """When LoRA's training is due and another training is requested meanwhile (a label came), the job
+    stops it and ends with the head refresh it pushed first; once the labels have grown by twice
+    PEAL_ADAPT_GROWTH, LoRA trains even so. The job runs under the real queue code (`execute_job`) with
+    a second request already queued, so the adapter meets it at its first step."""
+    server = label_studio
+    client = LabelStudio(server.url, server.token)
+    pid, truth = make_project(server, xrays, "deferred adapter", 16, 6)
+    tasks = sorted(client.tasks(pid), key=lambda t: t["id"])
+    by_class = {lab: [t["id"] for t in tasks if truth[t["id"]] == lab] for lab in LABELS}
+    annotate(server, by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2], truth)
+    settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
+                        backbone=backbone[0], image_size=backbone[1], strategy="margin", adapter="lora",
+                        adapt_growth=0.5, min_steps=20)
+    store, queue = ModelStore(settings.model_dir), MemoryStore()
+    train_project(pid, settings, "test")  # LoRA on 4 labels
+
+    def job_with_a_label_waiting(token: str) -> dict:
+        assert queue.try_enqueue(pid, f"waiting-{token}", "annotation")[0]
+        try:
+            return execute_job(queue, pid, settings, "annotation", TRAIN_JOB, token)
+        finally:
+            queue.clear_queued(pid, f"waiting-{token}")
+
+    annotate(server, by_class[LABELS[0]][2:4], truth)  # 2 new: due (>= 0.5 x 4), may wait (< 2 x 0.5 x 4)
+    deferred = job_with_a_label_waiting("a")
+    assert "adapter_deferred" in deferred and deferred["refresh"] == "head"
+    assert store.latest(pid).name == deferred["model_version"] and client.project(pid)["model_version"] == deferred["model_version"]
+    assert len(store.read_json(store.latest(pid), ADAPTER_FILE)) == 4  # LoRA still the one trained on 4
+
+    annotate(server, by_class[LABELS[1]][2:4], truth)  # 4 new: LoRA lags twice the growth, trains regardless
+    trained = job_with_a_label_waiting("b")
+    assert "adapter_deferred" not in trained and trained["refresh"] is None
+    assert len(store.read_json(store.latest(pid), ADAPTER_FILE)) == 8
+    assert store.get(pid, trained["refreshed_first"]).meta["refresh"] == "head"
