@@ -11,8 +11,9 @@ carries a prediction of the cold-start ordering (reported apart). Then, `--label
 task Label Studio serves next (`/api/projects/<id>/next`) with its true class, and time until the
 project's `model_version` is a version whose training saw that label (its meta.json in MODEL_DIR) *and*
 every unlabeled task holds a prediction at that version. The job's own phase timings (fetch, train,
-score, save, push, switch: the project's model_version moved) come from the backend's /jobs status of
-that training. Deleting pruned versions' predictions (Label Studio does it one prediction at a time)
+score, save, push, switch: the project's model_version moved) come from what it recorded in the
+project's history when it published that version; the next label goes in at once, without waiting for
+the job to end (with PEAL_ADAPT_GROWTH a job may publish a head refresh, then train the adapter). Deleting pruned versions' predictions (Label Studio does it one prediction at a time)
 runs in the background after the switch, beside the next training.
 
 `--prelabel N` annotates the first N tasks before the backend connects, so the timed labels are the
@@ -164,6 +165,8 @@ def main() -> None:
             proc, url, log = start_backend(ls, backbone, size, images_url.split("//")[1], tmp, extra)
             backend = proc
 
+            seen: dict = {}
+
             def job() -> dict:
                 return requests.get(f"{url}/jobs/{pid}", timeout=30).json()
 
@@ -180,18 +183,26 @@ def main() -> None:
                     return False
                 if json.loads(meta.read_text())["metrics"].get("n_labeled", 0) < k:
                     return False
-                return client.model_versions(pid).get(version, 0) >= args.tasks - k
+                if client.model_versions(pid).get(version, 0) < args.tasks - k:
+                    return False
+                seen["version"] = version  # the version that made the queue fresh (a later one may follow)
+                return True
 
-            def finished_result(version: str) -> dict:
-                """The job's result for `version` (phase timings), once its job has ended (not timed)."""
+            def published(version: str) -> dict:
+                """What the job recorded when it published `version` (phase timings; not timed): its entry in
+                the project's history. A job may publish two versions (a head refresh, then the adapter it
+                trains), so the job's own end is not waited for: the next label goes in at once, as an
+                annotator's would."""
+                history = tmp / "models" / str(pid) / "history.json"
                 while True:
-                    status = job()
-                    result = status.get("last_result") or {}
-                    if result.get("model_version") == version and status["state"] != "running":
-                        return result
-                    if status["state"] == "idle":
-                        return {}  # superseded before we looked
-                    time.sleep(0.5)
+                    cycles = json.loads(history.read_text())["cycles"] if history.exists() else []
+                    entry = next((c for c in reversed(cycles) if c.get("version") == version), None)
+                    if entry is not None and "timings" in entry:
+                        return {"model_version": version, "status": "trained" if entry.get("trained") else "ordered",
+                                "strategy": entry.get("strategy"), "timings": entry["timings"]}
+                    if job()["failures"]:
+                        return {"model_version": version}
+                    time.sleep(0.2)
 
             for attempt in range(10):  # Label Studio gives /setup 3 s: a backend still warming up may miss it
                 try:
@@ -210,7 +221,7 @@ def main() -> None:
                 tid = task["id"]
                 annotate(tid)
                 seconds = wait_until(lambda: fresh(k), f"label {k}", args.timeout, log)
-                got = finished_result(client.project(pid).get("model_version"))
+                got = published(seen["version"])
                 meta_path = tmp / "models" / str(pid) / str(got.get("model_version")) / "meta.json"
                 meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
                 rows.append({"label": k, "seconds": seconds, "status": got.get("status"), "strategy": got.get("strategy"),

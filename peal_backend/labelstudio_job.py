@@ -268,7 +268,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                 timings["quality"] = round(time.perf_counter() - writing, 3)
             prune_in_background(ls, store, project, held, keep)
         first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
-        learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started)
+        learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started, timings)
         return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
                 "refresh": extra_meta.get("refresh"), "strategy": result.strategy, "n_labeled": len(tasks),
                 "n_pool": len(pool_tasks), "predictions_pushed": pushed, "quality_predictions": quality_written,
@@ -313,6 +313,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                            cache_dir=cache_dir, progress=give_way, new_labels=new_labels)
     except AdapterDeferred as exc:
         log.info("project %s: adapter training deferred: %s; %s serves meanwhile", project, exc, summary["model_version"])
+        learning.record_deferral(settings.model_dir, project)
         track.phase("done")
         return {**summary, "adapter_deferred": str(exc)}
     done = publish(result, latest, {"warm_started_from": latest.name if init is not None else None,
@@ -377,7 +378,7 @@ def _dashboard_files(settings: Settings, spec: LabelSpec, result, tasks: list[di
     stopping signal; the next tasks served) and its entry in the project's history."""
     files, entry = {}, {"n_labeled": len(tasks), "n_pool": len(pool_tasks), "trained": result.trained,
                         "strategy": result.strategy, "train_seconds": result.metrics.get("train_seconds"),
-                        "steps": result.metrics.get("steps")}
+                        "steps": result.metrics.get("steps"), "refresh": result.metrics.get("refresh")}
     urls = []
     for t in pool_tasks:
         try:

@@ -162,7 +162,8 @@ def curve(history: dict) -> dict:
 def _empty() -> dict:
     return {"cycles": [], "totals": {"cycles": 0, "pool_tasks_scored": 0, "pool_scoring_seconds": 0.0,
                                      "job_seconds_sum": 0.0, "job_seconds_count": 0,
-                                     "job_seconds_buckets": [0] * len(DURATION_BUCKETS)}}
+                                     "job_seconds_buckets": [0] * len(DURATION_BUCKETS),
+                                     "head_refreshes": 0, "adapter_deferrals": 0}}
 
 
 def history_path(model_dir: str | os.PathLike, project: int) -> Path:
@@ -244,16 +245,28 @@ def record_cycle(model_dir, project: int, entry: dict, evaluated: tuple[str, dic
         t["cycles"] += 1
         t["pool_tasks_scored"] += int(entry.get("n_pool") or 0)
         t["pool_scoring_seconds"] += float(entry.get("score_seconds") or 0.0)
+        t["head_refreshes"] += 1 if entry.get("refresh") else 0
     return update_history(model_dir, project, change)
 
 
 @_best_effort
-def record_job_seconds(model_dir, project: int, version: str, seconds: float) -> dict:
-    """The whole job's duration (fetch to push), for the training-duration histogram."""
+def record_deferral(model_dir, project: int) -> dict:
+    """An adapter training that gave way to a label submitted meanwhile (PEAL_ADAPT_GROWTH)."""
+    def change(h: dict) -> None:
+        h["totals"]["adapter_deferrals"] += 1
+    return update_history(model_dir, project, change)
+
+
+@_best_effort
+def record_job_seconds(model_dir, project: int, version: str, seconds: float, timings: dict | None = None) -> dict:
+    """The job's duration until `version` was published (fetch to push), for the training-duration
+    histogram, and its phases' seconds (`timings`: fetch, train, score, save, push, switch)."""
     def change(h: dict) -> None:
         for c in reversed(h["cycles"]):
             if c["version"] == version:
                 c["job_seconds"] = round(seconds, 3)
+                if timings is not None:
+                    c["timings"] = dict(timings)
                 break
         t = h["totals"]
         t["job_seconds_sum"] += seconds

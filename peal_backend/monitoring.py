@@ -171,6 +171,10 @@ class StateCollector:
                                      labels=["project"])
         scoring = CounterMetricFamily("peal_pool_scoring_seconds", "Seconds training cycles spent outside fitting "
                                       "(backbone features and scoring)", labels=["project"])
+        refreshes = CounterMetricFamily("peal_head_refreshes", "Cycles that kept the adapter and solved only the head "
+                                        "(PEAL_ADAPT_GROWTH)", labels=["project"])
+        deferrals = CounterMetricFamily("peal_adapter_deferrals", "Adapter trainings that gave way to a label submitted "
+                                        "meanwhile", labels=["project"])
         durations = HistogramMetricFamily("peal_training_duration_seconds", "Duration of successful training jobs",
                                           labels=["project"])
         depth = 0
@@ -195,6 +199,8 @@ class StateCollector:
                 g["peal_pool_size"].add_metric([p], float(o["n_pool"] or 0))
             scored.add_metric([p], float(t["pool_tasks_scored"]))
             scoring.add_metric([p], float(t["pool_scoring_seconds"]))
+            refreshes.add_metric([p], float(t["head_refreshes"]))
+            deferrals.add_metric([p], float(t["adapter_deferrals"]))
             last = next((c for c in reversed(learning.read_history(self.settings.model_dir, project)["cycles"])
                          if c.get("score_seconds")), None)
             if last and last.get("n_pool"):
@@ -213,7 +219,7 @@ class StateCollector:
                 g["peal_prediction_agreement_kappa"].add_metric([p], float(stop["last_kappa"]))
             g["peal_stop_signal"].add_metric([p], 1.0 if stop["stop"] else 0.0)
         yield from g.values()
-        yield from (trainings, failures, scored, scoring, durations)
+        yield from (trainings, failures, scored, scoring, refreshes, deferrals, durations)
         yield GaugeMetricFamily("peal_training_queue_depth", "Projects with a training waiting to run", value=float(depth))
         caches = GaugeMetricFamily("peal_cache_bytes", "Bytes on disk of a cache", labels=["cache"])
         for name, size in self.caches.get().items():

@@ -259,6 +259,12 @@ def test_each_metric_moves_when_its_event_happens(app_client, app_settings):
     assert value(m, "peal_labels", project=4) == 6
     assert value(m, "peal_prequential_accuracy", project=4) is None
     assert value(m, "peal_training_duration_seconds_count", project=4) == 0
+    assert value(m, "peal_head_refreshes_total", project=4) == 0 and value(m, "peal_adapter_deferrals_total", project=4) == 0
+    learning.record_cycle(model_dir, 4, {"version": v1 + "-refresh", "n_labeled": 7, "n_pool": 39, "refresh": "head",
+                                         "trained": True, "strategy": "margin", "data_as_of": 1001.0}, None)
+    learning.record_deferral(model_dir, 4)
+    m = metrics(client)
+    assert value(m, "peal_head_refreshes_total", project=4) == 1 and value(m, "peal_adapter_deferrals_total", project=4) == 1
     learning.record_job_seconds(model_dir, 4, v1, 12.0)
     m = metrics(client)
     assert value(m, "peal_training_duration_seconds_count", project=4) == 1

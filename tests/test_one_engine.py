@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from peal_backend import simulate as sim
+from peal_backend import learning, simulate as sim
 from peal_backend.config import Settings
 from peal_backend.jobs import TRAIN_JOB, MemoryStore, execute_job
 from peal_backend.labelstudio import LabelStudio
@@ -206,3 +206,5 @@ def test_a_due_adapter_training_gives_way_to_a_new_label_until_it_lags_twice(lab
     assert "adapter_deferred" not in trained and trained["refresh"] is None
     assert len(store.read_json(store.latest(pid), ADAPTER_FILE)) == 8
     assert store.get(pid, trained["refreshed_first"]).meta["refresh"] == "head"
+    totals = learning.read_history(settings.model_dir, pid)["totals"]  # what /metrics and the dashboard count
+    assert (totals["head_refreshes"], totals["adapter_deferrals"]) == (2, 1)
