@@ -263,7 +263,7 @@ def report(rows: list[dict], first_pass: float, args) -> str:
              f"First pass (connect to every task ordered, {args.prelabel or 'no'} label{'' if args.prelabel == 1 else 's'}): "
              f"{first_pass:.1f} s. "
              f"Per label: p50 {percentile(secs, 50):.1f} s, p95 {percentile(secs, 95):.1f} s, "
-             f"mean {statistics.mean(secs):.1f} s over {len(secs)} labels. Load average (1 min) at the start: "
+             f"mean {statistics.mean(secs):.1f} s, max {max(secs):.1f} s over {len(secs)} labels. Load average (1 min) at the start: "
              f"{args.load_at_start:.1f} (2 cores)."
              + (f" Label Studio answered /next with an error {len(NEXT_ERRORS)} times (asked again; before a label's "
                 "clock starts)." if NEXT_ERRORS else ""), "",

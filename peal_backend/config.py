@@ -102,7 +102,7 @@ class Settings:
     warm_min_steps: int = _env("PEAL_WARM_MIN_STEPS", 10, "Fewest optimiser steps of a warm-started cycle.", int)
     full_retrain_every: int = _env("PEAL_FULL_RETRAIN_EVERY", 5, "With PEAL_WARM_START, every Nth cycle still trains from the "
                                    "pretrained weights with the full step budget (0 = never), so drift cannot build up.", int)
-    adapt_growth: float = _env("PEAL_ADAPT_GROWTH", 0.0, "Head refreshes between adapter trainings: while the labels that are "
+    adapt_growth: float = _env("PEAL_ADAPT_GROWTH", 0.25, "Head refreshes between adapter trainings: while the labels that are "
                                "new or changed since the adapter (LoRA, prompts) last trained stay fewer than this fraction of "
                                "the labels it trained on, a cycle keeps that adapter and only solves the head again on the "
                                "adapted features stored with the version (seconds, no forward pass); otherwise the adapter "

@@ -192,8 +192,9 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         [fetcher.fetch(task_image_url(pool_tasks[i], spec)) for i in positions], size), size)
     cache_dir = settings.activation_cache_dir if settings.activation_cache else None
 
-    def publish(result, latest, extra_meta: dict, adapter_labels: dict) -> dict:
-        """Save `result` as a new version, then push its predictions and move the project to it."""
+    def publish(result, latest, extra_meta: dict, adapter_labels: dict, last: bool = True) -> dict:
+        """Save `result` as a new version, then push its predictions and move the project to it. `last`:
+        nothing follows in this job (for the training-duration histogram)."""
         # the previous version, scored on the labels submitted since it was trained (prequential accuracy)
         evaluated = learning.previous_evaluation(store, latest, label_of)
         score_seconds = float(result.metrics["score_seconds"])  # the backbone's features and the pool's scores
@@ -268,7 +269,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                 timings["quality"] = round(time.perf_counter() - writing, 3)
             prune_in_background(ls, store, project, held, keep)
         first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
-        learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started, timings)
+        learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started, timings,
+                                    job_ended=last)
         return {"status": "trained" if result.trained else "ordered", "model_version": version.name,
                 "refresh": extra_meta.get("refresh"), "strategy": result.strategy, "n_labeled": len(tasks),
                 "n_pool": len(pool_tasks), "predictions_pushed": pushed, "quality_predictions": quality_written,
@@ -287,13 +289,13 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         since_full = latest.meta.get("cycles_since_full")
     adapter = stored_adapter(store, latest, hashes + pool_hashes) if previous_labels is not None else None
     summary = None
-    if adapter is not None and settings.adapt_growth > 0 and can_train(targets, spec.multiple):
+    if adapter is not None and settings.adapt_growth > 0 and settings.adapter != "linear" and can_train(targets, spec.multiple):
         refresh_only = refresh_plan(settings, adapter[0], trained_labels)
         track.phase("training", f"solving the head again on {len(tasks)} labels (the adapter of {latest.name} kept)")
         result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=latest.weights(),
                            cache_dir=cache_dir, refresh=adapter[1])
         summary = publish(result, latest, {"refresh": "head", "adapter_from": latest.meta.get("adapter_from") or latest.name,
-                                           "cycles_since_full": since_full}, adapter[0])
+                                           "cycles_since_full": since_full}, adapter[0], last=refresh_only)
         if refresh_only:
             track.phase("done")
             return summary
@@ -314,6 +316,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
     except AdapterDeferred as exc:
         log.info("project %s: adapter training deferred: %s; %s serves meanwhile", project, exc, summary["model_version"])
         learning.record_deferral(settings.model_dir, project)
+        learning.record_job_seconds(settings.model_dir, project, None, time.perf_counter() - started)
         track.phase("done")
         return {**summary, "adapter_deferred": str(exc)}
     done = publish(result, latest, {"warm_started_from": latest.name if init is not None else None,

@@ -258,16 +258,21 @@ def record_deferral(model_dir, project: int) -> dict:
 
 
 @_best_effort
-def record_job_seconds(model_dir, project: int, version: str, seconds: float, timings: dict | None = None) -> dict:
-    """The job's duration until `version` was published (fetch to push), for the training-duration
-    histogram, and its phases' seconds (`timings`: fetch, train, score, save, push, switch)."""
+def record_job_seconds(model_dir, project: int, version: str | None, seconds: float, timings: dict | None = None,
+                       *, job_ended: bool = True) -> dict:
+    """Seconds from the job's start until `version` was published (fetch to push) and its phases' seconds
+    (`timings`: fetch, train, score, save, push, switch), in that version's history entry; with
+    `job_ended`, `seconds` also goes into the training-duration histogram (once per job: a job may
+    publish a head refresh before the adapter it trains)."""
     def change(h: dict) -> None:
         for c in reversed(h["cycles"]):
-            if c["version"] == version:
+            if version is not None and c["version"] == version:
                 c["job_seconds"] = round(seconds, 3)
                 if timings is not None:
                     c["timings"] = dict(timings)
                 break
+        if not job_ended:
+            return
         t = h["totals"]
         t["job_seconds_sum"] += seconds
         t["job_seconds_count"] += 1

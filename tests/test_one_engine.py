@@ -80,7 +80,7 @@ def test_incremental_cycles_warm_start_alike_in_the_job_and_the_simulator(label_
     annotate(server, by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2], truth)
     settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
                         backbone=backbone[0], image_size=backbone[1], strategy="margin", warm_start=True,
-                        full_retrain_every=2, min_steps=20, warm_min_steps=5)
+                        full_retrain_every=2, min_steps=20, warm_min_steps=5, adapt_growth=0.0)
     store = ModelStore(settings.model_dir)
 
     first = train_project(pid, settings, "test")
@@ -208,3 +208,4 @@ def test_a_due_adapter_training_gives_way_to_a_new_label_until_it_lags_twice(lab
     assert store.get(pid, trained["refreshed_first"]).meta["refresh"] == "head"
     totals = learning.read_history(settings.model_dir, pid)["totals"]  # what /metrics and the dashboard count
     assert (totals["head_refreshes"], totals["adapter_deferrals"]) == (2, 1)
+    assert totals["job_seconds_count"] == 3  # three jobs (five versions), each counted once
