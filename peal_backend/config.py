@@ -105,8 +105,10 @@ class Settings:
     adapt_growth: float = _env("PEAL_ADAPT_GROWTH", 0.25, "Head refreshes between adapter trainings: while the labels that are "
                                "new or changed since the adapter (LoRA, prompts) last trained stay fewer than this fraction of "
                                "the labels it trained on, a cycle keeps that adapter and only solves the head again on the "
-                               "adapted features stored with the version (seconds, no forward pass); otherwise the adapter "
-                               "trains (0 = it trains every cycle).", float)
+                               "adapted features stored with the version (seconds, no forward pass). Once it is due, the "
+                               "job publishes such a refresh first and then trains the adapter, giving way to a label "
+                               "submitted meanwhile until the labels have grown by twice this fraction (0 = the adapter "
+                               "trains every cycle; BENCHMARKS.md \"Head refreshes\", \"Queue freshness\").", float)
     seed: int = _env("PEAL_SEED", 0, "Random seed for training and selection.", int)
     retrain_every: int = _env("PEAL_RETRAIN_EVERY", 1, "Retrain after this many new or changed annotations (START_TRAINING always retrains).", int)
     keep_versions: int = _env("PEAL_KEEP_VERSIONS", 5, "Model versions kept per project; older ones are pruned.", int)

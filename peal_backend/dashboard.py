@@ -187,7 +187,8 @@ def curve_panel(o: dict) -> str:
         f'<td class="num" data-k="n_labeled">{p["n_labeled"]}</td><td class="num" data-k="n_eval">{p["n_eval"]}</td>'
         f'<td class="num" data-k="accuracy">{pct(p["accuracy"])}</td><td class="num" data-k="macro_f1">{pct(p["macro_f1"])}</td>'
         f'<td>{"random order" if p["random_order"] else escape(p["strategy"] or "")}</td>'
-        f'<td class="num">{seconds(p["train_seconds"])}</td></tr>' for p in points)
+        f'<td class="num">{seconds(p["train_seconds"])}{" (head only)" if p.get("head_only") else ""}</td></tr>'
+        for p in points)
     baseline_note = ("Triangles: versions whose queue was in random order, so the labels after them are a random "
                      "sample: an unbiased estimate (the random-order baseline)." if lc["baseline"] else
                      "No random-order baseline in this project: every measured version ranked its queue with a "

@@ -150,7 +150,7 @@ def curve(history: dict) -> dict:
         points.append({"version": c["version"], "n_labeled": c["n_labeled"], "n_eval": p["n"],
                        "accuracy": p["accuracy"], "macro_f1": p["macro_f1"], "strategy": c.get("strategy"),
                        "random_order": c.get("strategy") == "random", "train_seconds": c.get("train_seconds"),
-                       "created_at": c.get("created_at")})
+                       "head_only": bool(c.get("refresh")), "created_at": c.get("created_at")})
     kappas = [c.get("agreement", {}).get("kappa") if c.get("agreement") else None
               for c in cycles if c.get("trained") and c.get("has_previous_predictions")]
     return {"points": points, "active": [p for p in points if not p["random_order"]],

@@ -125,6 +125,23 @@ def test_history_file_records_cycles_points_and_durations(tmp_path):
     assert buckets[5] == 0 and buckets[10] == 1 and buckets[float("inf")] == 1
     assert not any(p.name.endswith(".part") for p in (tmp_path / "3").iterdir())
 
+    # a job that publishes a head refresh, then the adapter: both versions get their timings, one job is counted
+    learning.record_cycle(tmp_path, 3, {"version": "a-v3", "n_labeled": 7, "n_pool": 5, "refresh": "head"},
+                          ("a-v2", {"n": 1, "accuracy": 1.0, "macro_f1": 1.0, "tasks": [5]}))
+    learning.record_job_seconds(tmp_path, 3, "a-v3", 2.5, {"train": 0.4, "push": 1.0}, job_ended=False)
+    learning.record_cycle(tmp_path, 3, {"version": "a-v4", "n_labeled": 7, "n_pool": 5}, None)
+    learning.record_job_seconds(tmp_path, 3, "a-v4", 30.0, {"train": 25.0, "push": 1.0})
+    h = learning.read_history(tmp_path, 3)
+    assert [c.get("timings", {}).get("train") for c in h["cycles"]] == [None, None, 0.4, 25.0]
+    assert (h["totals"]["job_seconds_count"], h["totals"]["head_refreshes"]) == (2, 1)
+    assert [p["head_only"] for p in learning.curve(h)["points"]] == [False, False]  # a-v1, a-v2 measured
+    learning.record_cycle(tmp_path, 3, {"version": "a-v5", "n_labeled": 9, "n_pool": 3},
+                          ("a-v4", {"n": 2, "accuracy": 0.5, "macro_f1": 0.5, "tasks": [6, 7]}))
+    learning.record_cycle(tmp_path, 3, {"version": "a-v6", "n_labeled": 9, "n_pool": 3},
+                          ("a-v3", {"n": 2, "accuracy": 0.5, "macro_f1": 0.5, "tasks": [6, 7]}))
+    assert {p["version"]: p["head_only"] for p in learning.curve(learning.read_history(tmp_path, 3))["points"]} == \
+        {"a-v1": False, "a-v2": False, "a-v3": True, "a-v4": False}
+
 
 # --- job progress ------------------------------------------------------------------------------------------
 
