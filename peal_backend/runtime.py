@@ -34,6 +34,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 AUTO_MIN_IMAGES = 256  # `auto` runs fewer images at once in torch: an export would cost more than it saves
 SUFFIX_SESSIONS = 4  # adapted-block sessions kept per process (the newest model states)
 
-_sessions: dict[tuple, object] = {}  # (what the frozen graph depends on) -> ONNX Runtime session, or None: failed
+_sessions: OrderedDict[tuple, object] = OrderedDict()  # (what the frozen graph depends on) -> ONNX Runtime session, or None: failed
 _suffixes: OrderedDict[tuple, object] = OrderedDict()  # (model state, ...) -> session or None, newest last
 _lock = threading.Lock()
 _said: set[tuple] = set()  # fallback messages already logged
@@ -180,23 +181,34 @@ def make_session(model: bytes, threads: int):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def _cached_session(table: OrderedDict, key: tuple, export: Callable[[], bytes], threads: int, settings: Settings,
+                    what: str, done: str, keep: int | None = None):
+    """The session under `key` in `table`, exported and made on first use (the `keep` newest kept, when
+    bounded), or None if that failed: logged, and remembered so it is not tried again."""
+    with _lock:
+        if key in table:
+            table.move_to_end(key)
+            return table[key]
+        try:
+            table[key] = make_session(export(), threads)
+            log.log(logging.INFO if keep is None else logging.DEBUG, "%s", done)
+        except Exception as exc:  # an exporter or runtime that cannot take this model: torch still can
+            table[key] = None
+            log.warning("PEAL_RUNTIME=%s: exporting %s failed (%s: %s); %s in torch", settings.runtime, what,
+                        type(exc).__name__, exc, "the first pass runs" if keep is None else "they run")
+        while keep is not None and len(table) > keep:
+            table.popitem(last=False)
+        return table[key]
+
+
 def session(clf: Classifier, settings: Settings, size: int):
     """The ONNX Runtime session for `clf`'s frozen prefix at `size` px (exported on first use in this
     process), or None if the export failed (logged once; the caller then runs torch)."""
     threads = inference_threads(settings)
     key = (loaded_fingerprint(settings.backbone), clf.first_adapted, clf.n_layers, clf.use_mean, size, threads)
-    with _lock:
-        if key not in _sessions:
-            try:
-                _sessions[key] = make_session(export_onnx(clf, size), threads)
-                log.info("frozen first pass: %d of %d blocks%s exported to ONNX Runtime (%d px, %d threads)",
-                         clf.first_adapted, clf.n_layers, " and pooling" if clf.first_adapted == clf.n_layers else "",
-                         size, threads)
-            except Exception as exc:  # an exporter or runtime that cannot take this model: torch still can
-                _sessions[key] = None
-                log.warning("PEAL_RUNTIME=%s: exporting the frozen blocks failed (%s: %s); the first pass runs in torch",
-                            settings.runtime, type(exc).__name__, exc)
-        return _sessions[key]
+    done = (f"frozen first pass: {clf.first_adapted} of {clf.n_layers} blocks"
+            f"{' and pooling' if clf.first_adapted == clf.n_layers else ''} exported to ONNX Runtime ({size} px, {threads} threads)")
+    return _cached_session(_sessions, key, lambda: export_onnx(clf, size), threads, settings, "the frozen blocks", done)
 
 
 def suffix_session(clf: Classifier, settings: Settings, tokens: tuple[int, int]):
@@ -206,21 +218,10 @@ def suffix_session(clf: Classifier, settings: Settings, tokens: tuple[int, int])
     threads = inference_threads(settings)
     key = (state_digest(clf), loaded_fingerprint(settings.backbone), clf.first_adapted, clf.n_layers, clf.use_mean,
            tuple(tokens), threads)
-    with _lock:
-        if key in _suffixes:
-            _suffixes.move_to_end(key)
-            return _suffixes[key]
-        try:
-            _suffixes[key] = make_session(export_suffix(clf, tokens), threads)
-            log.debug("adapted blocks %d..%d exported to ONNX Runtime (%s tokens, %d threads)",
-                      clf.first_adapted, clf.n_layers - 1, tokens, threads)
-        except Exception as exc:
-            _suffixes[key] = None
-            log.warning("PEAL_RUNTIME=%s: exporting the adapted blocks failed (%s: %s); they run in torch",
-                        settings.runtime, type(exc).__name__, exc)
-        while len(_suffixes) > SUFFIX_SESSIONS:
-            _suffixes.popitem(last=False)
-        return _suffixes[key]
+    done = (f"adapted blocks {clf.first_adapted}..{clf.n_layers - 1} exported to ONNX Runtime "
+            f"({tuple(tokens)} tokens, {threads} threads)")
+    return _cached_session(_suffixes, key, lambda: export_suffix(clf, tokens), threads, settings, "the adapted blocks",
+                           done, keep=SUFFIX_SESSIONS)
 
 
 def run_suffix(sess, tokens: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -113,7 +113,7 @@ def test_failed_export_falls_back_to_torch_with_a_log_line(monkeypatch, caplog, 
     def broken(clf, size):
         raise RuntimeError("unsupported operator")
     monkeypatch.setattr(runtime, "export_onnx", broken)
-    monkeypatch.setattr(runtime, "_sessions", {})
+    monkeypatch.setattr(runtime, "_sessions", runtime.OrderedDict())
     assert_torch_ran_and_said(tiny_backbone, caplog, "unsupported operator", "runs in torch")
 
 
