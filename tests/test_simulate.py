@@ -234,6 +234,8 @@ def test_head_refreshes_follow_the_growth_plan(tiny_backbone, tmp_path):
     assert [r["refresh"] for r in grown] == ["", "", "", "head", ""]
     assert [r["ece"] for r in grown[:3]] == [r["ece"] for r in full[:3]]  # the same until the first refresh
     assert grown[3]["ece"] != full[3]["ece"]
+    prompts = list(sim.run_seed(prep, s.replace(adapt_growth=0.5), sim.Variant("prompt", "entropy"), 0, cycles=4, budget=4))
+    assert [r["refresh"] for r in prompts] == ["", "", "", "head"]  # prompts are kept alike
 
 
 def test_a_project_with_few_labels_is_served_in_coverage_order_then_trains(tiny_backbone, tmp_path):
