@@ -48,7 +48,8 @@ COLUMNS = ("dataset", "config", "adapter", "strategy", "balance", "calibration",
 _NOT_RESULTS = ("label_studio_url", "label_studio_api_key", "model_dir", "log_level", "port", "basic_auth_user",
                 "basic_auth_pass", "redis_url", "queue_name", "job_lock_ttl", "job_timeout", "cache_dir", "torch_threads",
                 "adapter", "strategy", "balance", "calibration", "seed", "retrain_every", "push_predictions",
-                "set_uncertainty_sampling", "keep_versions", "mislabeling", "duplicate_similarity", "quality_max_writes")
+                "set_uncertainty_sampling", "keep_versions", "mislabeling", "duplicate_similarity", "quality_max_writes",
+                "adapt_growth")  # a column of its own, in `run_key` (rows from before it existed ran with 0)
 
 
 def settings_key(settings: Settings) -> str:
@@ -471,7 +472,8 @@ def simulate(data: Dataset, settings: Settings, variants: Sequence[Variant], see
 
 def run_key(row: dict) -> tuple:
     """What makes two runs the same run."""
-    return tuple(str(row[k]) for k in ("dataset", "config", "warm_start", "budget", "backbone", "lora_last_k", "settings", "seed"))
+    return tuple(str(row[k]) for k in ("dataset", "config", "warm_start", "budget", "backbone", "lora_last_k", "settings", "seed")) \
+        + (f"{float(row.get('adapt_growth') or 0):g}",)
 
 
 def save_run(csv_path: Path, new: list[dict]) -> None:

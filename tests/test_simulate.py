@@ -333,3 +333,11 @@ def test_a_class_nobody_labeled_is_never_predicted(tiny_backbone, tmp_path):
     probs = torch.softmax(torch.randn(50, 8) @ w.T + b, dim=1)
     assert probs[:, [1, 3]].max() < 1e-6 and set(probs.argmax(1).tolist()) <= {0, 2}
     assert torch.equal(w[1], torch.zeros(8)) and torch.equal(w[3], torch.zeros(8))
+
+
+def test_runs_differ_by_adapt_growth_and_rows_from_before_it_ran_with_0():
+    row = {"dataset": "d", "config": "lora/auto", "warm_start": "False", "budget": "4", "backbone": "peal-mini",
+           "lora_last_k": "2", "settings": "k", "seed": "0"}
+    assert sim.run_key(row) == sim.run_key({**row, "adapt_growth": "0.0000"}) == sim.run_key({**row, "adapt_growth": 0.0})
+    assert sim.run_key({**row, "adapt_growth": "0.2500"}) == sim.run_key({**row, "adapt_growth": 0.25}) != sim.run_key(row)
+    assert sim.settings_key(Settings(adapt_growth=0.5)) == sim.settings_key(Settings(adapt_growth=0.0))  # a column instead
