@@ -235,23 +235,24 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         if settings.push_predictions:
             pushing = time.perf_counter()
             track.phase("pushing", f"pushing {len(pool_tasks)} predictions to Label Studio")
-            check_lease()
-            predictions = []
-            for i, t in enumerate(pool_tasks):
-                p = {"task": t["id"], "score": float(result.queue_scores[i]),
-                     "result": choices_result(spec, result.pool.probs[i], settings.threshold) if result.trained else []}
-                if clusters.size:
-                    p["cluster"] = int(clusters[i])
-                predictions.append(p)
-            pushed = ls.create_predictions(project, predictions, version.name, new_version=version.name not in held)
-            timings["push"] = round(time.perf_counter() - pushing, 3)
-            switching = time.perf_counter()
-            if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
+            with label_studio_writes(project):  # never beside this project's background pruning
                 check_lease()
-                ls.set_model_version(project, version.name)
-            if settings.set_uncertainty_sampling:
-                ls.set_sampling(project, "Uncertainty sampling")
-            timings["switch"] = round(time.perf_counter() - switching, 3)  # the queue is fresh from here
+                predictions = []
+                for i, t in enumerate(pool_tasks):
+                    p = {"task": t["id"], "score": float(result.queue_scores[i]),
+                         "result": choices_result(spec, result.pool.probs[i], settings.threshold) if result.trained else []}
+                    if clusters.size:
+                        p["cluster"] = int(clusters[i])
+                    predictions.append(p)
+                pushed = ls.create_predictions(project, predictions, version.name, new_version=version.name not in held)
+                timings["push"] = round(time.perf_counter() - pushing, 3)
+                switching = time.perf_counter()
+                if pool_tasks:  # Label Studio refuses a model_version that no prediction carries
+                    check_lease()
+                    ls.set_model_version(project, version.name)
+                if settings.set_uncertainty_sampling:
+                    ls.set_sampling(project, "Uncertainty sampling")
+                timings["switch"] = round(time.perf_counter() - switching, 3)  # the queue is fresh from here
             # label quality, after the switch (the queue is fresh already); the previous quality version goes
             # with the versions no longer kept, so each labeled task has at most one
             keep = {version.name}
@@ -264,7 +265,8 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                 track.phase("pushing", f"writing label quality for {len(rows)} labeled tasks")
                 check_lease()
                 judged = quality_version(version.name)
-                quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
+                with label_studio_writes(project):
+                    quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
                 keep.add(judged)
                 timings["quality"] = round(time.perf_counter() - writing, 3)
             prune_in_background(ls, store, project, held, keep)
@@ -332,6 +334,16 @@ class AdapterDeferred(Exception):
 
 _pruning: dict[int, threading.Thread] = {}  # project -> the thread deleting its stale versions
 _pruning_lock = threading.Lock()
+_writes: dict[int, threading.Lock] = {}  # project -> held while this process writes its predictions to Label Studio
+
+
+def label_studio_writes(project: int) -> threading.Lock:
+    """The lock a job's push and the background pruning of the same project take in turn, so that one
+    version's bulk delete never runs beside the next version's bulk import: on Label Studio's default
+    SQLite each holds the database's write lock for seconds at 10,000 tasks, and the one that waits
+    more than 5 s fails ("database is locked"). A push waits for at most one delete in flight."""
+    with _pruning_lock:
+        return _writes.setdefault(int(project), threading.Lock())
 
 
 def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str]) -> None:
@@ -343,7 +355,8 @@ def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep
     try:
         for old in held:
             if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
-                ls.delete_model_version(project, old)
+                with label_studio_writes(project):
+                    ls.delete_model_version(project, old)
                 done += 1
     except Exception as exc:  # housekeeping: the next training's pruning catches up (it lists what is held)
         log.warning("project %s: pruning old versions' predictions failed: %s", project, exc)
