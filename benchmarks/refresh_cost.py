@@ -39,7 +39,12 @@ def report(folder: Path) -> str:
              "accuracy (same seed, same label count) ± the half-width of its 95 % CI over seeds; bold where the CI "
              "excludes 0. *Over the curve*: each seed's mean Δ over the label counts where A refreshed at least once "
              "so far, then the mean and CI of those over seeds.", "",
-             "`bash scripts/refresh_cost_grid.sh`", ""]
+             "`bash scripts/refresh_cost_grid.sh`", "",
+             "Budgets: PneumoniaMNIST 4 labels a cycle (25 cycles), RetinaMNIST 5 (20 cycles), from no label; the backend "
+             "runs a cycle per label, so its refreshes are finer-grained than these. g = 0.5 is also the furthest a "
+             "deferred LoRA training can fall behind under g = 0.25 (it gives way to new labels until the labels have "
+             "grown by 2g). Seconds per cycle were measured beside other work (niced), so only their ratio means much.",
+             ""]
     for dataset in sorted({r["dataset"] for r in rows}):
         by = curves([r for r in rows if r["dataset"] == dataset])
         base = by.get(0.0, {})
