@@ -405,14 +405,24 @@ def another_requested() -> bool:
     """Whether a training of the job's project was requested since this job started (a label submitted
     meanwhile): a job may then defer work that can wait (`labelstudio_job`: an adapter training after
     a head refresh) so that the next job makes the queue fresh sooner. Outside a queued job: False."""
+    return request_watch()()
+
+
+def request_watch() -> Callable[[], bool]:
+    """`another_requested` for the job running in this thread, callable from any thread (the job's
+    background pruning asks it after the job has ended)."""
     heartbeat = getattr(_lease, "heartbeat", None)
     if heartbeat is None:
-        return False
-    try:
-        return bool(heartbeat.store.is_queued(heartbeat.project_id))
-    except Exception as exc:  # Redis unreachable: go on with the work rather than fail the job
-        log.warning("project %s: could not tell whether a training is queued: %s", heartbeat.project_id, exc)
-        return False
+        return lambda: False
+    store, project_id = heartbeat.store, heartbeat.project_id
+
+    def requested() -> bool:
+        try:
+            return bool(store.is_queued(project_id))
+        except Exception as exc:  # Redis unreachable: go on with the work rather than fail the job
+            log.warning("project %s: could not tell whether a training is queued: %s", project_id, exc)
+            return False
+    return requested
 
 
 class _Heartbeat(threading.Thread):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from .backbone import input_size, load_backbone
 from .config import Settings
 from .cycle import ImageSet, can_train, feature_rows, may_defer, refresh_plan, run_cycle, warm_plan
-from .jobs import another_requested, check_lease
+from .jobs import another_requested, check_lease, request_watch
 from . import learning
 from .progress import JobProgress
 from .images import ImageError, ImageFetcher, content_hash, preprocess
@@ -269,7 +270,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                     quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
                 keep.add(judged)
                 timings["quality"] = round(time.perf_counter() - writing, 3)
-            prune_in_background(ls, store, project, held, keep)
+            prune_in_background(ls, store, project, held, keep, put_off=request_watch())
         first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
         learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started, timings,
                                     job_ended=last)
@@ -346,15 +347,21 @@ def label_studio_writes(project: int) -> threading.Lock:
         return _writes.setdefault(int(project), threading.Lock())
 
 
-def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str]) -> None:
+def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str],
+                    put_off: Callable[[], bool] = lambda: False) -> None:
     """Delete from Label Studio the predictions of versions this backend no longer keeps (its version
     list and the tasks' prediction lists would otherwise grow with every training). Only versions older
-    than the current one go, so this never races a training: names only grow."""
+    than the current one go, so this never races a training: names only grow. While `put_off()` (a
+    training of the project is waiting: an annotator is labeling) the rest waits for a later pruning,
+    so that the next push does not queue behind deletes."""
     started, done = time.perf_counter(), 0
     kept = set(store.versions(project)) | set(keep)
     try:
         for old in held:
             if old.startswith("peal-") and version_number(old) >= 0 and old not in kept:
+                if put_off():
+                    log.info("project %s: pruning put off (a training is waiting); %d deleted so far", project, done)
+                    break
                 with label_studio_writes(project):
                     ls.delete_model_version(project, old)
                 done += 1
@@ -364,7 +371,8 @@ def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep
         log.info("project %s: deleted %d old version(s)' predictions in %.1f s", project, done, time.perf_counter() - started)
 
 
-def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str]) -> bool:
+def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, keep: set[str],
+                        put_off: Callable[[], bool] = lambda: False) -> bool:
     """Run `_prune_versions` in a thread, off the training's critical path: Label Studio deletes
     predictions one by one (about 20 s per 1,000 on the 2-core machine), which used to hold the next
     training back. One pruning per project at a time; when one is still running this is skipped, and
@@ -373,7 +381,7 @@ def prune_in_background(ls: LabelStudio, store: ModelStore, project: int, held, 
         running = _pruning.get(project)
         if running is not None and running.is_alive():
             return False
-        thread = threading.Thread(target=_prune_versions, args=(ls, store, project, dict(held), set(keep)),
+        thread = threading.Thread(target=_prune_versions, args=(ls, store, project, dict(held), set(keep), put_off),
                                   name=f"peal-prune-{project}", daemon=True)
         _pruning[project] = thread
         thread.start()

@@ -555,6 +555,33 @@ def test_versions_never_repeat_what_label_studio_holds_and_pruned_ones_leave_it(
 
 
 @pytest.mark.labelstudio
+def test_pruning_waits_while_a_training_is_queued(label_studio, served, settings, tmp_path):
+    """A job whose project has another training waiting (an annotator is labeling) leaves the old versions'
+    predictions in Label Studio for a later pruning, so the next push does not queue behind deletes;
+    the next job with nothing waiting deletes them. The jobs run under the real queue code."""
+    from peal_backend.jobs import TRAIN_JOB, MemoryStore, execute_job
+    from peal_backend.labelstudio import LabelStudio
+    from peal_backend.labelstudio_job import wait_for_pruning
+    from peal_backend.store import ModelStore
+
+    pid, t = ls_project(label_studio, served, 6)
+    label_studio.client.annotations.create(id=t[0], result=_choice("pneumonia"))
+    label_studio.client.annotations.create(id=t[1], result=_choice("normal"))
+    s = ls_settings(settings, label_studio, served, tmp_path).replace(keep_versions=1)
+    client, queue = LabelStudio(label_studio.url, label_studio.token), MemoryStore()
+    names = []
+    for token in ("a", "b"):
+        assert queue.try_enqueue(pid, f"waiting-{token}", "annotation")[0]  # a label came meanwhile
+        names.append(execute_job(queue, pid, s, "annotation", TRAIN_JOB, token)["model_version"])
+        wait_for_pruning(pid)
+        queue.clear_queued(pid, f"waiting-{token}")
+    assert set(client.model_versions(pid)) >= set(names) and ModelStore(s.model_dir).versions(pid) == names[1:]
+    last = execute_job(queue, pid, s, "annotation", TRAIN_JOB, "c")["model_version"]  # nothing waiting
+    wait_for_pruning(pid)
+    assert set(client.model_versions(pid)) == {last}
+
+
+@pytest.mark.labelstudio
 def test_setup_names_a_token_label_studio_refuses(label_studio, settings, tmp_path, served):
     """A wrong LABEL_STUDIO_API_KEY used to pass /setup ("Connected") and fail the first training
     minutes later; now connecting fails with the setting named."""
