@@ -219,6 +219,10 @@ class MemoryStore:
         with self._lock:
             return project_id in self._queued
 
+    def running_token(self, project_id: int) -> str | None:
+        with self._lock:
+            return self._running.get(project_id)
+
     def status(self, project_id: int) -> dict:
         with self._lock:
             return _status_view(project_id, dict(self._status.get(project_id, {})),
@@ -360,6 +364,9 @@ class RedisStore:
     def queued_token(self, project_id: int) -> str | None:
         return self.redis.get(self.key("queued", project_id))
 
+    def running_token(self, project_id: int) -> str | None:
+        return self.redis.get(self.key("running", project_id))
+
     def queued_lease_ms(self, project_id: int) -> int:
         """Milliseconds left on the queued flag's lease: -1 if it has none yet (its job has not
         begun waiting), -2 if there is no flag."""
@@ -408,19 +415,22 @@ def another_requested() -> bool:
     return request_watch()()
 
 
-def request_watch() -> Callable[[], bool]:
-    """`another_requested` for the job running in this thread, callable from any thread (the job's
-    background pruning asks it after the job has ended)."""
+def request_watch(running_too: bool = False) -> Callable[[], bool]:
+    """`another_requested` for the job running in this thread, callable from any thread; with
+    `running_too` it also says True while another training of the project runs (the job's background
+    pruning asks it after the job has ended, and gives way to the next job's push)."""
     heartbeat = getattr(_lease, "heartbeat", None)
     if heartbeat is None:
         return lambda: False
-    store, project_id = heartbeat.store, heartbeat.project_id
+    store, project_id, token = heartbeat.store, heartbeat.project_id, heartbeat.token
 
     def requested() -> bool:
         try:
-            return bool(store.is_queued(project_id))
+            if store.is_queued(project_id):
+                return True
+            return running_too and store.running_token(project_id) not in (None, token)
         except Exception as exc:  # Redis unreachable: go on with the work rather than fail the job
-            log.warning("project %s: could not tell whether a training is queued: %s", project_id, exc)
+            log.warning("project %s: could not tell whether a training is waiting: %s", project_id, exc)
             return False
     return requested
 

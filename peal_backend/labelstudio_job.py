@@ -270,7 +270,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
                     quality_written = ls.create_predictions(project, rows, judged, new_version=judged not in held)
                 keep.add(judged)
                 timings["quality"] = round(time.perf_counter() - writing, 3)
-            prune_in_background(ls, store, project, held, keep, put_off=request_watch())
+            prune_in_background(ls, store, project, held, keep, put_off=request_watch(running_too=True))
         first = pool_tasks[int(result.order[0])]["id"] if len(result.order) else None
         learning.record_job_seconds(settings.model_dir, project, version.name, time.perf_counter() - started, timings,
                                     job_ended=last)
@@ -351,8 +351,8 @@ def _prune_versions(ls: LabelStudio, store: ModelStore, project: int, held, keep
                     put_off: Callable[[], bool] = lambda: False) -> None:
     """Delete from Label Studio the predictions of versions this backend no longer keeps (its version
     list and the tasks' prediction lists would otherwise grow with every training). Only versions older
-    than the current one go, so this never races a training: names only grow. While `put_off()` (a
-    training of the project is waiting: an annotator is labeling) the rest waits for a later pruning,
+    than the current one go, so this never races a training: names only grow. While `put_off()` (another
+    training of the project waits or runs: an annotator is labeling) the rest waits for a later pruning,
     so that the next push does not queue behind deletes."""
     started, done = time.perf_counter(), 0
     kept = set(store.versions(project)) | set(keep)

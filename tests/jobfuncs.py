@@ -76,3 +76,13 @@ def progress(project_id, settings, reason):
     while not os.path.exists(gate):
         time.sleep(0.02)
     return {"status": "trained"}
+
+
+WATCHES = {}  # project -> (another_requested watch, the pruning's watch), kept past the job for the test
+
+
+def watching(project_id, settings, reason):
+    """Keep the job's watches (`jobs.request_watch`) for the test to ask after the job has ended."""
+    from peal_backend.jobs import request_watch
+    WATCHES[project_id] = (request_watch(), request_watch(running_too=True))
+    return {"during": [WATCHES[project_id][0](), WATCHES[project_id][1]()]}

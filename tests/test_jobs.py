@@ -450,3 +450,22 @@ def test_a_live_process_keeps_its_journaled_trainings(tmp_path):
         assert len(starts(str(tmp_path), 6)) == 1
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("flavour", ["memory", "redis"])
+def test_request_watch_sees_a_waiting_and_another_running_training(flavour, tmp_path):
+    """What a job's watches say, asked from outside its thread and after it ended: another training
+    waiting (both), another training running (only the pruning's), this job itself running (neither)."""
+    from peal_backend.jobs import MemoryStore, RedisStore, execute_job
+    store = MemoryStore() if flavour == "memory" else RedisStore(REDIS_URL, f"test-watch-{uuid.uuid4().hex[:8]}:")
+    s = Settings(model_dir=str(tmp_path))
+    out = execute_job(store, 7, s, "x", "jobfuncs.watching", "mine")
+    assert out["during"] == [False, False]  # this job running is not another one
+    requested, pruning = jobfuncs.WATCHES[7]
+    assert (requested(), pruning()) == (False, False)
+    assert store.try_enqueue(7, "next", "annotation")[0]
+    assert (requested(), pruning()) == (True, True)
+    assert store.try_start(7, "next", 30.0, "annotation")  # the next job runs
+    assert (requested(), pruning()) == (False, True)
+    store.finish(7, "next", "finished", "{}", "", 1.0)
+    assert (requested(), pruning()) == (False, False)
