@@ -9,7 +9,9 @@ A cycle has two phases:
 - cold (fewer than two classes labeled): no classifier is trained or shown; the pool is still ordered
   (`auto`'s start strategy: a seeded random order, or coverage on the frozen backbone's embeddings), so
   Label Studio serves that order instead of its random fallback;
-- trained: the classifier is fitted (`training.fit`) and the pool ranked by the strategy.
+- trained: the classifier is fitted (`training.fit`) and the pool ranked by the strategy; or, between
+  adapter trainings (`refresh_plan`, PEAL_ADAPT_GROWTH), only its head is solved again on the adapted
+  features the last adapter training stored (`Adapter`), with no forward pass.
 `PEAL_STRATEGY=auto` picks the strategy from what is labeled (`auto_strategy`).
 Label quality (`label_quality`) comes from the same frozen features: how likely each given label is
 wrong, and the labeled items' near-duplicates.

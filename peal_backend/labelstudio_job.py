@@ -4,7 +4,8 @@ predictions for the unlabeled pool out.
 Order matters for "nothing lost or half-written": the version (weights, labels, queue scores) is
 saved atomically first; only then are predictions pushed and the project's model_version moved to
 it. If the push fails the job fails, the new version still serves /predict, and the next run pushes
-again (Label Studio predictions are created idempotently per task and version).
+again (Label Studio predictions are created idempotently per task and version). A job may publish two
+versions this way: a head refresh (the queue is fresh within seconds), then the adapter it trains.
 """
 from __future__ import annotations
 
