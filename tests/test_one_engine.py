@@ -96,11 +96,7 @@ def test_incremental_cycles_warm_start_alike_in_the_job_and_the_simulator(label_
     queue = store.read_json(v2, QUEUE_FILE)
     job_order = [int(t) for t in sorted(queue, key=queue.get)]
 
-    images, labels = xrays
-    data = sim.Dataset("xrays", images[[image_index(t) for t in tasks]],
-                       np.array([LABELS.index(truth[t["id"]]) for t in tasks]), images[:2], labels[:2].astype(np.int64),
-                       list(LABELS))
-    prep = sim.prepare(data, settings, tmp_path / "sim-cache")
+    prep = simulator_twin(xrays, tasks, truth, settings, tmp_path)
     labeled = np.array([i for i, t in enumerate(tasks) if t["id"] in set(by_class[LABELS[0]][:3] + by_class[LABELS[1]][:2])])
     cycle = sim.simulated_cycle(prep, settings, labeled, v1.weights(), new_labels=1)
     unlabeled = np.setdiff1d(np.arange(len(tasks)), labeled)
@@ -112,20 +108,36 @@ def test_incremental_cycles_warm_start_alike_in_the_job_and_the_simulator(label_
     assert (v3.meta["warm_started_from"], v3.meta["cycles_since_full"], v3.meta["metrics"]["steps"]) == (None, 0, 20)
 
 
-def test_head_refresh_alike_in_the_job_and_the_simulator(label_studio, xrays, backbone, tmp_path):
-    """PEAL_ADAPT_GROWTH: the job's first training trains LoRA and stores its features of every image; the
-    next one (1 new label, under 0.5 x 4) keeps that LoRA and solves only the head again on the stored
-    features; the simulator, running the same plan on the same labels, ranks the pool the same; once the
-    labels have grown by half, LoRA trains again."""
-    server = label_studio
+def simulator_twin(xrays, tasks: list[dict], truth: dict, settings: Settings, tmp_path) -> sim.Prepared:
+    """The simulator's view of a project's tasks: the same images as arrays, in task order."""
+    images, labels = xrays
+    data = sim.Dataset("xrays", images[[image_index(t) for t in tasks]],
+                       np.array([LABELS.index(truth[t["id"]]) for t in tasks]), images[:2], labels[:2].astype(np.int64),
+                       list(LABELS))
+    return sim.prepare(data, settings, tmp_path / "sim-cache")
+
+
+def growth_project(server, xrays, backbone, tmp_path, title: str):
+    """A project of 22 x-rays with 2 labels of each class, and settings with PEAL_ADAPT_GROWTH=0.5:
+    (client, project id, truth, tasks by id, task ids by class, settings)."""
     client = LabelStudio(server.url, server.token)
-    pid, truth = make_project(server, xrays, "head refresh", 16, 6)
+    pid, truth = make_project(server, xrays, title, 16, 6)
     tasks = sorted(client.tasks(pid), key=lambda t: t["id"])
     by_class = {lab: [t["id"] for t in tasks if truth[t["id"]] == lab] for lab in LABELS}
     annotate(server, by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2], truth)
     settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
                         backbone=backbone[0], image_size=backbone[1], strategy="margin", adapter="lora",
                         adapt_growth=0.5, min_steps=20)
+    return client, pid, truth, tasks, by_class, settings
+
+
+def test_head_refresh_alike_in_the_job_and_the_simulator(label_studio, xrays, backbone, tmp_path):
+    """PEAL_ADAPT_GROWTH: the job's first training trains LoRA and stores its features of every image; the
+    next one (1 new label, under 0.5 x 4) keeps that LoRA and solves only the head again on the stored
+    features; the simulator, running the same plan on the same labels, ranks the pool the same; once the
+    labels have grown by half, LoRA trains again."""
+    server = label_studio
+    client, pid, truth, tasks, by_class, settings = growth_project(server, xrays, backbone, tmp_path, "head refresh")
     store = ModelStore(settings.model_dir)
 
     train_project(pid, settings, "test")
@@ -146,15 +158,11 @@ def test_head_refresh_alike_in_the_job_and_the_simulator(label_studio, xrays, ba
     queue = store.read_json(v2, QUEUE_FILE)
     job_order = [int(t) for t in sorted(queue, key=queue.get)]
 
-    images, labels = xrays
-    data = sim.Dataset("xrays", images[[image_index(t) for t in tasks]],
-                       np.array([LABELS.index(truth[t["id"]]) for t in tasks]), images[:2], labels[:2].astype(np.int64),
-                       list(LABELS))
-    prep = sim.prepare(data, settings, tmp_path / "sim-cache")
+    prep = simulator_twin(xrays, tasks, truth, settings, tmp_path)
     index = {t["id"]: i for i, t in enumerate(tasks)}
     first_labeled = np.array(sorted(index[t] for t in by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2]))
     first = sim.simulated_cycle(prep, settings, first_labeled)
-    adapter = adapter_of(first, {str(tasks[i]["id"]): [int(data.train_labels[i])] for i in first_labeled},
+    adapter = adapter_of(first, {str(tasks[i]["id"]): [int(prep.data.train_labels[i])] for i in first_labeled},
                          prep.train_hashes, first_labeled)
     labeled = np.array(sorted(index[t] for t in by_class[LABELS[0]][:3] + by_class[LABELS[1]][:2]))
     cycle = sim.simulated_cycle(prep, settings, labeled, adapter=adapter)
@@ -177,14 +185,7 @@ def test_a_due_adapter_training_gives_way_to_a_new_label_until_it_lags_twice(lab
     PEAL_ADAPT_GROWTH, LoRA trains even so. The job runs under the real queue code (`execute_job`) with
     a second request already queued, so the adapter meets it at its first step."""
     server = label_studio
-    client = LabelStudio(server.url, server.token)
-    pid, truth = make_project(server, xrays, "deferred adapter", 16, 6)
-    tasks = sorted(client.tasks(pid), key=lambda t: t["id"])
-    by_class = {lab: [t["id"] for t in tasks if truth[t["id"]] == lab] for lab in LABELS}
-    annotate(server, by_class[LABELS[0]][:2] + by_class[LABELS[1]][:2], truth)
-    settings = Settings(label_studio_url=server.url, label_studio_api_key=server.token, model_dir=str(tmp_path / "models"),
-                        backbone=backbone[0], image_size=backbone[1], strategy="margin", adapter="lora",
-                        adapt_growth=0.5, min_steps=20)
+    client, pid, truth, tasks, by_class, settings = growth_project(server, xrays, backbone, tmp_path, "deferred adapter")
     store, queue = ModelStore(settings.model_dir), MemoryStore()
     train_project(pid, settings, "test")  # LoRA on 4 labels
 
