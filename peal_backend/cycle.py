@@ -193,13 +193,19 @@ def changed_labels(before: dict[str, list], now: dict[str, list]) -> int:
     return sum(1 for task, label in now.items() if before.get(task) != label) + sum(1 for task in before if task not in now)
 
 
+def refreshable(settings: Settings) -> bool:
+    """Whether head refreshes apply at all: PEAL_ADAPT_GROWTH is on and there is an adapter to keep (a
+    linear probe's every cycle is a head fit already)."""
+    return settings.adapt_growth > 0 and settings.adapter != "linear"
+
+
 def refresh_plan(settings: Settings, adapter_labels: dict[str, list] | None, labels: dict[str, list]) -> bool:
     """Whether this cycle only refreshes the head (PEAL_ADAPT_GROWTH): an adapter is there to keep
     (`adapter_labels`: what it trained on, None when there is none usable) and the labels new or changed
     since it trained are fewer than `adapt_growth` times the labels it trained on. So the adapter trains
     on every cycle while labels are few, then each time the labeled set has grown by that fraction: the
     adapter's trainings grow logarithmically with the labels, the head follows every label."""
-    if settings.adapt_growth <= 0 or settings.adapter == "linear" or not adapter_labels:
+    if not refreshable(settings) or not adapter_labels:
         return False
     return changed_labels(adapter_labels, labels) < settings.adapt_growth * len(adapter_labels)
 
@@ -208,7 +214,7 @@ def may_defer(settings: Settings, adapter_labels: dict[str, list] | None, labels
     """Whether an adapter training that is due (`refresh_plan` said no) may still wait for a pause in the
     annotations: while the labels new or changed since the adapter trained stay under twice the growth
     that made it due. Beyond that it trains even while labels arrive, so it lags by at most 2x."""
-    if settings.adapt_growth <= 0 or not adapter_labels:
+    if not refreshable(settings) or not adapter_labels:
         return False
     return changed_labels(adapter_labels, labels) < 2 * settings.adapt_growth * len(adapter_labels)
 
@@ -326,18 +332,18 @@ def run_cycle(settings: Settings, labeled: ImageSet, targets: torch.Tensor, pool
     trainable = can_train(targets, multiple)
     labels = class_ids(targets) if n_lab else np.zeros(0, np.int64)
     strategy = auto_strategy(settings, labels, n_classes, trainable)
+    head_only = trainable and refresh is not None and init is not None and refreshable(settings)
     metrics: dict = {"phase": "trained" if trainable else "cold", "strategy": strategy,
-                     "warm": init is not None and trainable, "refresh": None}
+                     "warm": init is not None and trainable and not head_only, "refresh": "head" if head_only else None}
 
     clf = None
     if trainable:
         clf = probe if settings.adapter == "linear" else adapted
         if init is not None:
             clf.load_trainable(init)
-        if refresh is not None and init is not None and settings.adapter != "linear":
+        if head_only:
             metrics.update(refresh_head(clf, torch.from_numpy(refresh[:n_lab]), targets, settings, multilabel=multiple))
             outputs = head_outputs(clf, refresh, multilabel=multiple)
-            metrics.update(refresh="head", warm=False)
         elif settings.adapter == "linear":  # the head is solved from scratch on the features already at hand,
             metrics.update(fit(clf, torch.zeros(0), targets, settings, multilabel=multiple,  # and applied to them
                                features=torch.from_numpy(frozen[:n_lab])))

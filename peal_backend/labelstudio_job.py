@@ -19,7 +19,7 @@ import torch
 
 from .backbone import input_size, load_backbone
 from .config import Settings
-from .cycle import ImageSet, can_train, feature_rows, may_defer, refresh_plan, run_cycle, warm_plan
+from .cycle import ImageSet, can_train, feature_rows, may_defer, refresh_plan, refreshable, run_cycle, warm_plan
 from .jobs import another_requested, check_lease, request_watch
 from . import learning
 from .progress import JobProgress
@@ -293,7 +293,7 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
         since_full = latest.meta.get("cycles_since_full")
     adapter = stored_adapter(store, latest, hashes + pool_hashes) if previous_labels is not None else None
     summary = None
-    if adapter is not None and settings.adapt_growth > 0 and settings.adapter != "linear" and can_train(targets, spec.multiple):
+    if adapter is not None and refreshable(settings) and can_train(targets, spec.multiple):
         refresh_only = refresh_plan(settings, adapter[0], trained_labels)
         track.phase("training", f"solving the head again on {len(tasks)} labels (the adapter of {latest.name} kept)")
         result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=latest.weights(),
