@@ -19,7 +19,7 @@ import torch
 
 from .backbone import input_size, load_backbone
 from .config import Settings
-from .cycle import ImageSet, can_train, feature_rows, may_defer, refresh_plan, refreshable, run_cycle, warm_plan
+from .cycle import Adapter, ImageSet, can_train, may_defer, refresh_plan, refreshable, run_cycle, warm_plan
 from .jobs import another_requested, check_lease, request_watch
 from . import learning
 from .progress import JobProgress
@@ -87,10 +87,10 @@ COLD_START_PREFIX = "peal-coldstart"  # versions that only order the queue: no c
 QUALITY_PREFIX = "peal-quality"  # labeled tasks' label-quality predictions (`mislabeling`, `neighbors`)
 
 
-def stored_adapter(store: ModelStore, latest, hashes: list[str]) -> tuple[dict, np.ndarray] | None:
-    """What a head refresh needs from the latest version (`cycle.refresh_plan`): the labels its adapter
-    trained on and its adapted features of `hashes` (the labeled images, then the pool), or None when it
-    stored none or did not score one of these images (a task added since: the adapter then trains)."""
+def stored_adapter(store: ModelStore, latest) -> Adapter | None:
+    """What a head refresh needs from the latest version (`cycle.refresh_plan`), as the simulator keeps
+    it: its weights, the labels its adapter trained on and its adapted features by image; None when it
+    stored none (the adapter then trains; so it does when `Adapter.rows` misses an image added since)."""
     labels = store.read_json(latest, ADAPTER_FILE)
     known = store.read_json(latest, FEATURE_HASHES_FILE)
     if not labels or not known:
@@ -100,8 +100,7 @@ def stored_adapter(store: ModelStore, latest, hashes: list[str]) -> tuple[dict, 
         log.warning("project %s: %s has %s rows of adapted features for %d images; the adapter trains", latest.project,
                     latest.name, "no" if features is None else len(features), len(known))
         return None
-    rows = feature_rows(known, features, hashes)
-    return None if rows is None else (labels, rows)
+    return Adapter(latest.weights(), labels, known, features)
 
 
 def adapter_files(result, adapter_labels: dict, hashes: list[str]) -> dict:
@@ -291,19 +290,20 @@ def train_project(project_id: int, settings: Settings, reason: str = "") -> dict
             and tuple(latest.meta.get("labels", ())) == spec.labels and latest.meta.get("trained", True)):
         previous_labels = store.read_json(latest, TRAINED_FILE)
         since_full = latest.meta.get("cycles_since_full")
-    adapter = stored_adapter(store, latest, hashes + pool_hashes) if previous_labels is not None else None
+    adapter = stored_adapter(store, latest) if previous_labels is not None and refreshable(settings) else None
+    rows = adapter.rows(hashes + pool_hashes) if adapter is not None else None
     summary = None
-    if adapter is not None and refreshable(settings) and can_train(targets, spec.multiple):
-        refresh_only = refresh_plan(settings, adapter[0], trained_labels)
+    if rows is not None and can_train(targets, spec.multiple):
+        refresh_only = refresh_plan(settings, adapter.labels, trained_labels)
         track.phase("training", f"solving the head again on {len(tasks)} labels (the adapter of {latest.name} kept)")
-        result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=latest.weights(),
-                           cache_dir=cache_dir, refresh=adapter[1])
+        result = run_cycle(settings, labeled, targets, pool, n_classes, multiple=spec.multiple, init=adapter.state,
+                           cache_dir=cache_dir, refresh=rows)
         summary = publish(result, latest, {"refresh": "head", "adapter_from": latest.meta.get("adapter_from") or latest.name,
-                                           "cycles_since_full": since_full}, adapter[0], last=refresh_only)
+                                           "cycles_since_full": since_full}, adapter.labels, last=refresh_only)
         if refresh_only:
             track.phase("done")
             return summary
-        latest, deferrable = store.latest(project), may_defer(settings, adapter[0], trained_labels)
+        latest, deferrable = store.latest(project), may_defer(settings, adapter.labels, trained_labels)
 
         def give_way(step: int, total: int, loss: float | None = None) -> None:
             track.step(step, total, loss)

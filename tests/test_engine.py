@@ -322,8 +322,10 @@ def test_feature_rows_and_a_version_that_did_not_score_an_image(tmp_path):
     v = store.save(1, "peal-lora-r8", {"w": torch.zeros(1)}, {},
                    files={ADAPTER_FILE: {"1": [0]}, FEATURE_HASHES_FILE: ["a", "b", "c", "d"], FEATURES_FILE: feats})
     assert store.read_array(v, FEATURES_FILE).dtype == np.float16
-    labels, rows = stored_adapter(store, v, ["b", "d"])
+    adapter = stored_adapter(store, v)
+    labels, rows = adapter.labels, adapter.rows(["b", "d"])
     assert labels == {"1": [0]} and rows.dtype == np.float32 and rows.tolist() == [[3, 4, 5], [9, 10, 11]]
-    assert stored_adapter(store, v, ["b", "new"]) is None
+    assert adapter.rows(["b", "new"]) is None
+    assert torch.equal(adapter.state["w"], torch.zeros(1))                       # the version's weights
     bare = store.save(1, "peal-lora-r8", {"w": torch.zeros(1)}, {})             # a version from before refreshes
-    assert stored_adapter(store, bare, ["a"]) is None and store.read_array(bare, FEATURES_FILE) is None
+    assert stored_adapter(store, bare) is None and store.read_array(bare, FEATURES_FILE) is None
