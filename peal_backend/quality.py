@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from .training import fit_head
+from .training import fit_head, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def cross_fitted_probs(features: np.ndarray, labels: np.ndarray, n_classes: int,
         held = torch.from_numpy(folds == f)
         weight, bias = fit_head(x[~held], y[~held], n_classes, multilabel=multilabel, c=c)
         logits = x[held].double() @ weight.double().T + bias.double()
-        out[held.numpy()] = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
+        out[held.numpy()] = probabilities(logits, multilabel).numpy()
     return out
 
 

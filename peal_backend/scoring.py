@@ -228,9 +228,8 @@ def score_from_activations(clf: Classifier, acts: np.ndarray, settings: Settings
                 feats.append(f.float().cpu())
                 logits.append(clf.head(f).float().cpu())
     lg = torch.cat(logits) if logits else torch.zeros(0, clf.head.out_features)
-    probs = torch.sigmoid(lg) if multilabel else torch.softmax(lg, dim=1)
     emb = torch.cat(feats).numpy() if feats else np.zeros((0, clf.feature_dim), np.float32)
-    return Prediction(probs.numpy(), lg.numpy(), emb)
+    return Prediction.from_logits(lg, emb, multilabel=multilabel)
 
 
 def finish_frozen(clf: Classifier, tokens: np.ndarray, start: int, settings: Settings) -> np.ndarray:

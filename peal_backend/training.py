@@ -304,8 +304,7 @@ def head_outputs(model: Classifier, features: np.ndarray, *, multilabel: bool = 
     with torch.inference_mode():
         feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         logits = model.head(feats.to(model.head.weight.device, model.head.weight.dtype)).float().cpu()
-    probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
-    return Prediction(probs.numpy(), logits.numpy(), feats.numpy())
+    return Prediction.from_logits(logits, feats.numpy(), multilabel=multilabel)
 
 
 def _head_loss(model: Classifier, features: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> float:
@@ -321,11 +320,20 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 # --- inference --------------------------------------------------------------------------------------
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """The head's probabilities: a sigmoid per class (multiple choice) or a softmax over the classes."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+
+
 @dataclass
 class Prediction:
     probs: np.ndarray       # (N, C) softmax (single choice) or sigmoid (multiple choice)
     logits: np.ndarray      # (N, C)
     embeddings: np.ndarray  # (N, D) the head's input features (float32)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, embeddings: np.ndarray, *, multilabel: bool = False) -> "Prediction":
+        return cls(probabilities(logits, multilabel).numpy(), logits.numpy(), embeddings)
 
     @classmethod
     def concat(cls, parts: list["Prediction"]) -> "Prediction":
@@ -356,6 +364,4 @@ def predict(model: Classifier, pixels: torch.Tensor, settings: Settings, *, mult
         c = model.head.out_features
         return Prediction(np.zeros((0, c), np.float32), np.zeros((0, c), np.float32),
                           np.zeros((0, model.feature_dim), np.float32))
-    lg = torch.cat(logits)
-    probs = torch.sigmoid(lg) if multilabel else torch.softmax(lg, dim=1)
-    return Prediction(probs.numpy(), lg.numpy(), torch.cat(feats).numpy())
+    return Prediction.from_logits(torch.cat(logits), torch.cat(feats).numpy(), multilabel=multilabel)
