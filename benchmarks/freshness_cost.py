@@ -70,11 +70,17 @@ def report(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
-    text = report(folder)
+def report_main(report_of, default: Path) -> None:
+    """A simulation report's command line: the folder given (or `default`), its report printed and
+    written beside it as <folder>.md."""
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else default
+    text = report_of(folder)
     print(text)
     (folder.parent / f"{folder.name}.md").write_text(text + "\n")
+
+
+def main() -> None:
+    report_main(report, DEFAULT)
 
 
 if __name__ == "__main__":

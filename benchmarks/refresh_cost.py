@@ -7,12 +7,12 @@ seed and label count, with 95 % CIs over seeds.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import queue_order_report
+from benchmarks.freshness_cost import report_main
 from benchmarks.queue_order_report import paired
 
 DEFAULT = Path("benchmarks/results/refresh_cost")
@@ -85,10 +85,7 @@ def report(folder: Path) -> str:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
-    text = report(folder)
-    print(text)
-    (folder.parent / f"{folder.name}.md").write_text(text + "\n")
+    report_main(report, DEFAULT)
 
 
 if __name__ == "__main__":
