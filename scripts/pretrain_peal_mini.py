@@ -176,8 +176,11 @@ def random_resized_crop(x: torch.Tensor, out: int, scale: tuple[float, float], g
 
 
 def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p: float,
-                  jitter: float = 0.2) -> torch.Tensor:
-    """Colour jitter (p=0.8, factors 1 ± jitter), grayscale (p=0.2), blur, solarisation; x in [0, 1]."""
+                  jitter: float = 0.2, keep_colour: bool = False) -> torch.Tensor:
+    """Colour jitter (p=0.8, factors 1 ± jitter), grayscale (p=0.2), blur, solarisation; x in [0, 1].
+
+    keep_colour: no saturation jitter and no grayscale, so that hue and saturation (the signal in fundus
+    photographs) are not something the features learn to ignore. The same random numbers are drawn."""
     n = x.shape[0]
 
     def per(p):  # a (n,1,1,1) mask: which images get this transform
@@ -193,9 +196,11 @@ def color_augment(x: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = x + jit * ((x - mean) * factor(lo, hi) + mean - x)  # contrast
     gray = x.mean(dim=1, keepdim=True)
-    x = x + jit * ((x - gray) * factor(lo, hi) + gray - x)  # saturation
+    saturation = factor(lo, hi)
+    if not keep_colour:
+        x = x + jit * ((x - gray) * saturation + gray - x)
     x = x.clamp(0, 1)
-    gm = per(0.2)
+    gm = per(0.2) * (not keep_colour)
     x = x + gm * (x.mean(dim=1, keepdim=True).expand_as(x) - x)
     kernel = torch.tensor([1.0, 2.0, 1.0])
     kernel = (kernel[:, None] * kernel[None, :] / 16).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
@@ -214,10 +219,10 @@ def multi_crop(batch_u8: torch.Tensor, args, g: torch.Generator) -> tuple[list[t
     """Two global views (image_size) and args.local_crops local views (args.local_size)."""
     x = batch_u8.permute(0, 3, 1, 2).float() / 255.0
     glob = [normalise(color_augment(random_resized_crop(x, args.image_size, (0.3, 1.0), g), g, blur_p, sol_p,
-                                    args.jitter))
+                                    args.jitter, args.keep_colour))
             for blur_p, sol_p in ((0.8, 0.0), (0.1, 0.2))]
     local = [normalise(color_augment(random_resized_crop(x, args.local_size, (args.local_scale_min, 0.4), g), g,
-                                     0.5, 0.0, args.jitter))
+                                     0.5, 0.0, args.jitter, args.keep_colour))
              for _ in range(args.local_crops)]
     return glob, local
 
@@ -654,6 +659,8 @@ def parse_args(argv=None):
     ap.add_argument("--mask-ratio", type=float, default=0.5, help="share of patches masked with --objective pixel")
     ap.add_argument("--jitter", type=float, default=0.2,
                     help="brightness/contrast/saturation factors drawn from 1 ± this (0: none)")
+    ap.add_argument("--keep-colour", action="store_true",
+                    help="no saturation jitter and no grayscale views (colour is signal in fundus photographs)")
     ap.add_argument("--clip", type=float, default=3.0)
     ap.add_argument("--freeze-last-steps", type=int, default=50)
     ap.add_argument("--crops-per-wallpaper", type=int, default=150)
