@@ -3,6 +3,7 @@
 #
 #   bash scripts/label_efficiency_grid.sh [STAGE...]   # stages: linear lora clusters (default: all), core
 #   BACKBONE=peal-mini-2 SERIAL=1 bash scripts/label_efficiency_grid.sh core lora   # another backbone, one stream
+#   DATASETS="pneumoniamnist retinamnist" bash scripts/label_efficiency_grid.sh lora     # some sets, one stream
 #   bash scripts/label_efficiency_grid.sh report       # tables and plots from what has run
 #
 # Every run is the backend's own cycle (peal_backend.cycle.run_cycle) from zero labels; the annotator
@@ -41,7 +42,10 @@ if [ "${1:-}" = report ]; then
 fi
 read -r -a STAGES <<< "${*:-linear lora clusters}"
 stream() { for st in "${STAGES[@]}"; do for data in "$@"; do "stage_$st" "$data"; done; done; }
-if [ "${SERIAL:-0}" = 1 ]; then  # one stream (the other core busy): the two small sets first
+if [ -n "${DATASETS:-}" ]; then  # these sets only, one stream: DATASETS="retinamnist" ... lora
+  read -r -a SETS <<< "$DATASETS"
+  stream "${SETS[@]}"
+elif [ "${SERIAL:-0}" = 1 ]; then  # one stream (the other core busy): the two small sets first
   stream pneumoniamnist retinamnist fashion-mnist
 else
   stream pneumoniamnist retinamnist &

@@ -11,7 +11,7 @@ token, computed on ImageNet-normalised inputs resized to the backbone's image_si
 feeds them; "pixels" is that same normalised input, flattened; "random init" is a randomly
 initialised model shaped as the first backbone.
 
-    python scripts/transfer_probe.py                                   # peal-mini-2 and peal-mini
+    python scripts/transfer_probe.py                                   # peal-mini-3 and peal-mini-2
     python scripts/transfer_probe.py --backbone /tmp/ckpt --out report.md
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from peal_backend.simulate import load_dataset  # noqa: E402
 DATASETS = ("retinamnist", "pneumoniamnist", "fashion-mnist")
 TRAIN_LIMIT = {"fashion-mnist": 10_000}  # the pool labels are drawn from; the test split is whole
 BUDGETS = (20, 50, 200)  # None: all train labels
-DEFAULT_BACKBONES = ("peal-mini-2", "peal-mini")
+DEFAULT_BACKBONES = ("peal-mini-3", "peal-mini-2")
 
 
 def draw_labelled(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
