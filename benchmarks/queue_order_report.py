@@ -151,13 +151,36 @@ def plot(dataset: str, cfgs: dict, reference: str, path: Path) -> None:
     plt.close(fig)
 
 
+# pairs asked of every grid: the order within one adapter, and LoRA against the linear probe (PEAL's question)
+COMPARISONS = (("linear/auto", "linear/random"), ("lora/auto", "lora/random"), ("lora/random", "linear/random"),
+               ("lora/auto", "linear/auto"))
+
+
+def comparisons(folder: Path) -> str:
+    """Paired differences of COMPARISONS' pairs, where both ran, at a quarter, half and all of the labels."""
+    out = ["## Paired comparisons", "",
+           "Mean paired difference (same seed, same label count) ± the half-width of its 95 % CI; n = seeds both ran.",
+           "", "| dataset | comparison | n | Δ @¼ | Δ @½ | Δ final |", "|---|---|---|---|---|---|"]
+    for dataset, cfgs in sorted(table(load(folder)).items()):
+        for a, b in COMPARISONS:
+            if a not in cfgs or b not in cfgs:
+                continue
+            counts = sorted(set(cfgs[a]) & set(cfgs[b]))
+            cells, n = [], 0
+            for count in (counts[len(counts) // 4], counts[len(counts) // 2], counts[-1]):
+                mean, half, n = paired(cfgs[a][count], cfgs[b][count])
+                cells.append(f"@{count} {mean:+.3f} ± {half:.3f}")
+            out.append(f"| {dataset} | {a} − {b} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--reference", default=REFERENCE)
     args = p.parse_args()
     text = report(args.folder, args.reference)
-    (args.folder / "report.md").write_text(text + "\n")
+    (args.folder / "report.md").write_text(text + "\n\n" + comparisons(args.folder) + "\n")
     # the section of BENCHMARKS.md that quotes these tables keeps them between markers, so they cannot drift
     page = args.folder.parent / f"{args.folder.name}.md"
     if page.exists() and MARK_START in page.read_text():
