@@ -57,8 +57,9 @@ def labels_to_reach(curve: dict[int, dict[int, float]], target: float) -> int | 
     return None
 
 
-def report(folder: Path, reference: str = REFERENCE) -> str:
-    data = table(load(folder))
+def report(folder: Path, reference: str = REFERENCE, data: dict | None = None) -> str:
+    """The tables and plots; `data` is table(load(folder)) when the caller already has it."""
+    data = table(load(folder)) if data is None else data
     lines = ["# Queue order: label efficiency against random sampling", "",
              f"Reference: `{reference}`. Δ = mean paired difference in test accuracy to the reference (same seed, same",
              "label count) ± the half-width of its 95 % CI over seeds; **bold** where the CI excludes 0. "
@@ -156,12 +157,13 @@ COMPARISONS = (("linear/auto", "linear/random"), ("lora/auto", "lora/random"), (
                ("lora/auto", "linear/auto"))
 
 
-def comparisons(folder: Path) -> str:
-    """Paired differences of COMPARISONS' pairs, where both ran, at a quarter, half and all of the labels."""
+def comparisons(data: dict) -> str:
+    """Paired differences of COMPARISONS' pairs, where both ran, at a quarter, half and all of the labels;
+    `data` as table() gives it."""
     out = ["## Paired comparisons", "",
            "Mean paired difference (same seed, same label count) ± the half-width of its 95 % CI; n = seeds both ran.",
            "", "| dataset | comparison | n | Δ @¼ | Δ @½ | Δ final |", "|---|---|---|---|---|---|"]
-    for dataset, cfgs in sorted(table(load(folder)).items()):
+    for dataset, cfgs in sorted(data.items()):
         for a, b in COMPARISONS:
             if a not in cfgs or b not in cfgs:
                 continue
@@ -179,8 +181,9 @@ def main() -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--reference", default=REFERENCE)
     args = p.parse_args()
-    text = report(args.folder, args.reference)
-    (args.folder / "report.md").write_text(text + "\n\n" + comparisons(args.folder) + "\n")
+    data = table(load(args.folder))
+    text = report(args.folder, args.reference, data)
+    (args.folder / "report.md").write_text(text + "\n\n" + comparisons(data) + "\n")
     # the section of BENCHMARKS.md that quotes these tables keeps them between markers, so they cannot drift
     page = args.folder.parent / f"{args.folder.name}.md"
     if page.exists() and MARK_START in page.read_text():

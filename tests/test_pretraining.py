@@ -69,19 +69,15 @@ def test_a_finished_run_trains_longer_when_resumed_with_more_steps(tmp_path):
 def test_keep_colour_leaves_hue_and_draws_the_same_random_numbers():
     """--keep-colour: no view of a red image turns grey (without it, about a fifth do), and the generator
     ends in the same state, so every later random draw of a run is the same as without the switch."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("pretrain", REPO / "scripts/pretrain_peal_mini.py")
-    pretrain_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain_module)
+    from scripts.pretrain_peal_mini import color_augment
     red = torch.zeros(400, 3, 8, 8)
     red[:, 0] = 0.8
     views, states = {}, {}
     for keep in (False, True):
         g = torch.Generator().manual_seed(0)
-        views[keep] = pretrain_module.color_augment(red, g, blur_p=0.5, solarize_p=0.0, jitter=0.1, keep_colour=keep)
+        views[keep] = color_augment(red, g, blur_p=0.5, solarize_p=0.0, jitter=0.1, keep_colour=keep)
         states[keep] = g.get_state()
     grey = {keep: int(((v[:, 0] - v[:, 1]).abs().amax(dim=(1, 2)) < 1e-6).sum()) for keep, v in views.items()}
     assert grey[True] == 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 
-from benchmarks.queue_order_report import comparisons
+from benchmarks.queue_order_report import comparisons, load, table
 
 
 def test_comparisons_pair_seeds_and_skip_pairs_that_did_not_run(tmp_path):
@@ -18,6 +18,6 @@ def test_comparisons_pair_seeds_and_skip_pairs_that_did_not_run(tmp_path):
                 # auto is 0.1 ahead on every seed at 6 labels and after, level before
                 w.writerow({"dataset": "toy", "config": "linear/auto", "seed": seed, "labels": labels,
                             "accuracy": base + (0.1 if labels >= 6 else 0.0)})
-    text = comparisons(tmp_path)
+    text = comparisons(table(load(tmp_path)))
     rows = [line for line in text.splitlines() if line.startswith("| toy")]
     assert rows == ["| toy | linear/auto − linear/random | 4 | @4 +0.000 ± 0.000 | @6 +0.100 ± 0.000 | @8 +0.100 ± 0.000 |"]
