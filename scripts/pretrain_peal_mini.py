@@ -244,7 +244,7 @@ class ProjectionHead(nn.Module):
 
 
 class Network(nn.Module):
-    def __init__(self, backbone, out_dim: int, pixel: bool = False):
+    def __init__(self, backbone, out_dim: int, pixel: bool = False, stats: bool = False):
         super().__init__()
         dim, patch = backbone.config.hidden_size, backbone.config.patch_size
         self.backbone = backbone
@@ -254,6 +254,8 @@ class Network(nn.Module):
         # Only built when used, so runs without it draw the same random numbers as before it existed.
         self.pixel_head = (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, patch * patch * 3))
                            if pixel else None)
+        # global intensity statistics (--stats-weight): the CLS token -> the view's image_stats, linearly
+        self.stats_head = nn.Linear(dim, STATS_DIM) if stats else None
 
     bf16 = False  # set by train(): forward under bfloat16 autocast (AVX512-BF16 CPUs, GPUs), outputs in float32
 
@@ -331,6 +333,24 @@ def ibot_loss(student_patch, tp, s_temp) -> torch.Tensor:
 def pixel_loss(net: "Network", patch_tokens: torch.Tensor, view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked pixel prediction: MSE between the pixel head on the masked tokens and the pixels under them."""
     return F.mse_loss(net.head(net.pixel_head, patch_tokens[mask]), patchify(view, net.backbone.config.patch_size)[mask])
+
+
+STATS_DIM = 9
+
+
+def image_stats(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 9): per channel, the mean and std over the image and the mean over its central half
+    (where a fundus or a chest sits). Fundus grading lives largely in these numbers: a logistic regression on
+    them beats one on all RetinaMNIST pixels at 20, 50 and 200 labels (docs/pretraining.md)."""
+    h, w = x.shape[-2:]
+    centre = x[..., h // 4: h - h // 4, w // 4: w - w // 4]
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)), centre.mean(dim=(2, 3))], dim=1)
+
+
+def stats_loss(net: "Network", cls: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """MSE between a linear read-out of the CLS token and the view's global intensity statistics: the CLS
+    must keep them linearly, where the invariance the contrastive loss asks for would wash them out."""
+    return F.mse_loss(net.head(net.stats_head, cls), image_stats(view))
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temp: float) -> torch.Tensor:
@@ -431,7 +451,10 @@ def train(args) -> None:
 
     config = make_config(args)
     use_pixel = args.objective == "pixel" or args.pixel_weight > 0
-    student = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel)
+    use_stats = getattr(args, "stats_weight", 0.0) > 0
+    if use_stats and args.objective != "contrastive":
+        raise SystemExit("--stats-weight needs --objective contrastive")
+    student = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel, stats=use_stats)
     init = {}
     if args.init_from:  # continue from an earlier stage's backbone (e.g. masked pixel prediction first)
         start = Dinov2Model.from_pretrained(args.init_from, dtype=torch.float32)
@@ -443,7 +466,7 @@ def train(args) -> None:
             init["provenance"] = json.loads(stage.read_text())
     device = torch.device(args.device)
     student.to(device)
-    teacher = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel).to(device)
+    teacher = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel, stats=use_stats).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.eval()  # no drop-path in the teacher
     for p in teacher.parameters():
@@ -515,6 +538,9 @@ def train(args) -> None:
             loss_pixel = (sum(pixel_loss(student, o[2], v, m) for o, v, m in zip(outs, glob, masks) if m.any())
                           / len(glob) if use_pixel else torch.zeros((), device=device))
             loss = loss_dino + args.koleo_weight * loss_koleo + args.pixel_weight * loss_pixel
+            if use_stats:  # from the CLS of each view, masked or not, to that view's statistics
+                loss_stats = sum(stats_loss(student, o[1], v) for o, v in zip(outs, glob)) / len(glob)
+                loss = loss + args.stats_weight * loss_stats
             loss_ibot = torch.zeros((), device=device)
             t_cls_p = [F.softmax(z[0] @ z[1].t() / args.contrastive_temp, dim=-1).detach()]
         else:
@@ -562,6 +588,8 @@ def train(args) -> None:
                    "ibot": round(loss_ibot.item(), 4), "koleo": round(loss_koleo.item(), 4),
                    "pixel": round(float(torch.as_tensor(loss_pixel).detach()), 4), "teacher_entropy": round(ent, 3), "lr": round(lr, 6),
                    "elapsed_s": round(time.time() - t_train, 1)}
+            if use_stats:
+                rec["stats"] = round(loss_stats.item(), 4)
             log.append(rec)
             print(json.dumps(rec), flush=True)
         stop = step == args.stop_at
@@ -650,6 +678,9 @@ def parse_args(argv=None):
                     help="masked pixel prediction (raw normalised pixels of masked patches): keeps intensity")
     ap.add_argument("--centering", choices=("sinkhorn", "ema"), default="ema",
                     help="teacher targets: Sinkhorn-Knopp equipartition (DINOv2) or DINO's EMA centre")
+    ap.add_argument("--stats-weight", type=float, default=0.0,
+                    help="contrastive: also predict each view's global intensity statistics (per-channel mean, std, "
+                         "central mean) linearly from its CLS token, with this weight")
     ap.add_argument("--contrastive-temp", type=float, default=0.2, help="InfoNCE temperature (--objective contrastive)")
     ap.add_argument("--objective", choices=("dino", "pixel", "contrastive"), default="dino",
                     help="dino: DINO + iBOT self-distillation (+ --pixel-weight); pixel: masked pixel prediction only; "

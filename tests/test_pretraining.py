@@ -27,9 +27,9 @@ def pretrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, check=check)
 
 
-@pytest.mark.parametrize("objective", ["dino", "contrastive"])
-def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, objective):
-    run = ("--objective", objective)
+@pytest.mark.parametrize("run", [("--objective", "dino"), ("--objective", "contrastive"),
+                                 ("--objective", "contrastive", "--stats-weight", "1")])
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, run):
     pretrain(*run, "--out", str(tmp_path / "whole"))
     # the same run stopped after step 2 leaves what a run killed during step 3 leaves: the step-2 state
     first = pretrain(*run, "--checkpoint-dir", str(tmp_path / "ckpt"), "--stop-at", "2", "--out", str(tmp_path / "first"))
@@ -44,6 +44,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, objective):
     log_resumed = json.loads((tmp_path / "resumed" / "PROVENANCE.json").read_text())["loss_log"]
     strip = lambda log: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in log]  # noqa: E731
     assert strip(log_whole) == strip(log_resumed) and len(log_whole) == 4
+    assert ("stats" in log_whole[0]) == ("--stats-weight" in run)  # the statistics loss is logged where it runs
 
 
 def test_resume_with_changed_training_arguments_is_refused(tmp_path):
@@ -83,3 +84,23 @@ def test_keep_colour_leaves_hue_and_draws_the_same_random_numbers():
     assert grey[True] == 0
     assert 40 < grey[False] < 120  # p = 0.2 of 400
     assert torch.equal(states[False], states[True])
+
+
+def test_image_stats_are_channel_means_stds_and_central_means():
+    """The targets of --stats-weight: per channel, mean and std over the image, mean over its central half."""
+    import torch
+
+    from scripts.pretrain_peal_mini import image_stats
+    x = torch.zeros(2, 3, 8, 8)
+    x[0, 0, 2:6, 2:6] = 1.0  # a bright centre in red: a quarter of the image
+    x[1] = torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1)  # a flat colour
+    s = image_stats(x)
+    assert s.shape == (2, 9)
+    assert torch.allclose(s[0, [0, 3, 6]], torch.tensor([0.25, torch.tensor([1.0] * 16 + [0.0] * 48).std(), 1.0]))
+    assert torch.allclose(s[0, [1, 2, 4, 5, 7, 8]], torch.zeros(6))
+    assert torch.allclose(s[1], torch.tensor([0.2, 0.5, 0.9, 0, 0, 0, 0.2, 0.5, 0.9]))
+
+
+def test_stats_weight_needs_the_contrastive_objective(tmp_path):
+    refused = pretrain("--objective", "dino", "--stats-weight", "1", "--out", str(tmp_path / "x"), check=False)
+    assert refused.returncode != 0 and "--stats-weight needs --objective contrastive" in refused.stderr
