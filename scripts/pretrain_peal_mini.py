@@ -38,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from peal_backend import images as images_module  # noqa: E402
+from peal_backend.backbones import image_stats  # noqa: E402
 DEBIAN_PACKAGES = ("dataset-fashion-mnist", "plasma-workspace-wallpapers", "gnome-backgrounds", "mate-backgrounds")
 FMNIST_FILE = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 WALLPAPER_DIRS = (Path("/usr/share/wallpapers"), Path("/usr/share/backgrounds"))
@@ -335,16 +336,7 @@ def pixel_loss(net: "Network", patch_tokens: torch.Tensor, view: torch.Tensor, m
     return F.mse_loss(net.head(net.pixel_head, patch_tokens[mask]), patchify(view, net.backbone.config.patch_size)[mask])
 
 
-STATS_DIM = 9
-
-
-def image_stats(x: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) -> (n, 9): per channel, the mean and std over the image and the mean over its central half
-    (where a fundus or a chest sits). Fundus grading lives largely in these numbers: a logistic regression on
-    them beats one on all RetinaMNIST pixels at 20, 50 and 200 labels (docs/pretraining.md)."""
-    h, w = x.shape[-2:]
-    centre = x[..., h // 4: h - h // 4, w // 4: w - w // 4]
-    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)), centre.mean(dim=(2, 3))], dim=1)
+STATS_DIM = 9  # image_stats: 3 channels x (mean, std, central mean)
 
 
 def stats_loss(net: "Network", cls: torch.Tensor, view: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ accuracy as mean ± std over the seeds, and each backbone's paired difference (s
 and to the random twin, with a 95 % t interval. Features are the CLS token concatenated with the mean patch
 token, computed on ImageNet-normalised inputs resized to the backbone's image_size, as the backend
 feeds them; "pixels" is that same normalised input, flattened; "random init" is a randomly
-initialised model shaped as the first backbone.
+initialised model shaped as the first backbone. With --stats, a reference column "intensity stats" probes the
+9 global intensity statistics of that input (peal_backend.backbones.image_stats: per-channel mean, std and
+central mean), to show how much of a set's signal is global colour and brightness.
 
     python scripts/transfer_probe.py                                   # peal-mini-3 and peal-mini-2
     python scripts/transfer_probe.py --backbone /tmp/ckpt --out report.md
@@ -28,13 +30,14 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import queue_order_report  # noqa: E402
 from peal_backend.backbone import resolve_backbone  # noqa: E402
-from peal_backend.backbones import cls_mean_features, to_pixel_values  # noqa: E402
+from peal_backend.backbones import cls_mean_features, image_stats, to_pixel_values  # noqa: E402
 from peal_backend.simulate import load_dataset  # noqa: E402
 
 DATASETS = ("retinamnist", "pneumoniamnist", "fashion-mnist")
 TRAIN_LIMIT = {"fashion-mnist": 10_000}  # the pool labels are drawn from; the test split is whole
 BUDGETS = (20, 50, 200)  # None: all train labels
 DEFAULT_BACKBONES = ("peal-mini-3", "peal-mini-2")
+REFERENCES = ("random init", "pixels", "intensity stats")  # the columns that are not backbones
 
 
 def draw_labelled(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -58,7 +61,7 @@ def probe_accuracy(train_x, train_y, test_x, test_y, C: float = 1.0) -> float:
     return float((clf.predict(test_x) == test_y).mean())
 
 
-def feature_sets(backbones: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
+def feature_sets(backbones: list[str], images: np.ndarray, stats: bool = False) -> dict[str, np.ndarray]:
     import torch
     from transformers import Dinov2Model
 
@@ -70,17 +73,21 @@ def feature_sets(backbones: list[str], images: np.ndarray) -> dict[str, np.ndarr
     torch.manual_seed(0)
     twin = Dinov2Model(first.config)  # same shape as the first, random initialisation
     feats["random init"] = cls_mean_features(twin, images)
-    feats["pixels"] = to_pixel_values(images, int(first.config.image_size)).flatten(1).numpy()
+    pixels = to_pixel_values(images, int(first.config.image_size))
+    feats["pixels"] = pixels.flatten(1).numpy()
+    if stats:
+        feats["intensity stats"] = image_stats(pixels).numpy()
     return feats
 
 
-def run(backbones: list[str], seeds: int, C: float, budgets=BUDGETS, datasets=DATASETS) -> list[dict]:
+def run(backbones: list[str], seeds: int, C: float, budgets=BUDGETS, datasets=DATASETS,
+        stats: bool = False) -> list[dict]:
     rows = []
     for name in datasets:
         data = load_dataset(name, limit_train=TRAIN_LIMIT.get(name, 0))
         tr_x, tr_y = np.asarray(data.train_images), np.asarray(data.train_labels).ravel()
         te_x, te_y = np.asarray(data.test_images), np.asarray(data.test_labels).ravel()
-        feats = feature_sets(backbones, np.concatenate([tr_x, te_x]))
+        feats = feature_sets(backbones, np.concatenate([tr_x, te_x]), stats)
         for budget in budgets:
             for method, f in feats.items():
                 ftr, fte = f[: len(tr_x)], f[len(tr_x):]
@@ -100,7 +107,7 @@ def paired(a: list[float], b: list[float]) -> str:
 def markdown(rows: list[dict]) -> str:
     """Mean ± std per method, then each backbone's paired difference to pixels and to the random twin."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    backbones = [m for m in methods if m not in ("random init", "pixels")]
+    backbones = [m for m in methods if m not in REFERENCES]
     deltas = [(b, ref) for b in backbones for ref in ("pixels", "random init")]
     out = ["| dataset | labels | " + " | ".join(methods) + " | "
            + " | ".join(f"{b} − {ref}" for b, ref in deltas) + " |",
@@ -124,6 +131,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stats", action="store_true",
+                    help="add the reference column 'intensity stats' (9 global colour and brightness statistics)")
     ap.add_argument("--budgets", default="20,50,200", help="label budgets, comma-separated; all = every train label")
     ap.add_argument("--out", default="", help="also write the markdown table here")
     args = ap.parse_args(argv)
@@ -137,7 +146,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     budgets = tuple(None if b == "all" else int(b) for b in args.budgets.split(","))
     table = markdown(run(args.backbone or list(DEFAULT_BACKBONES), args.seeds, args.C, budgets,
-                         tuple(args.datasets.split(","))))
+                         tuple(args.datasets.split(",")), args.stats))
     print(table)
     print(f"\n({time.time() - t0:.0f}s; test accuracy, mean ± std over {args.seeds} seeds, "
           f"logistic regression C={args.C} on standardised features)")

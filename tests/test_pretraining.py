@@ -90,7 +90,7 @@ def test_image_stats_are_channel_means_stds_and_central_means():
     """The targets of --stats-weight: per channel, mean and std over the image, mean over its central half."""
     import torch
 
-    from scripts.pretrain_peal_mini import image_stats
+    from peal_backend.backbones import image_stats
     x = torch.zeros(2, 3, 8, 8)
     x[0, 0, 2:6, 2:6] = 1.0  # a bright centre in red: a quarter of the image
     x[1] = torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1)  # a flat colour
