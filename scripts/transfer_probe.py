@@ -19,6 +19,7 @@ central mean), to show how much of a set's signal is global colour and brightnes
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,10 +106,12 @@ def paired(a: list[float], b: list[float]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """Mean ± std per method, then each backbone's paired difference to pixels and to the random twin."""
+    """Mean ± std per method, then each backbone's paired difference to pixels and to the random twin, and the
+    first backbone's to each other backbone."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     backbones = [m for m in methods if m not in REFERENCES]
-    deltas = [(b, ref) for b in backbones for ref in ("pixels", "random init")]
+    deltas = ([(b, ref) for b in backbones for ref in ("pixels", "random init")]
+              + [(backbones[0], b) for b in backbones[1:]])  # the first backbone against each other one
     out = ["| dataset | labels | " + " | ".join(methods) + " | "
            + " | ".join(f"{b} − {ref}" for b, ref in deltas) + " |",
            "|---|---:|" + "---:|" * (len(methods) + len(deltas))]
@@ -134,7 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stats", action="store_true",
                     help="add the reference column 'intensity stats' (9 global colour and brightness statistics)")
     ap.add_argument("--budgets", default="20,50,200", help="label budgets, comma-separated; all = every train label")
-    ap.add_argument("--out", default="", help="also write the markdown table here")
+    ap.add_argument("--out", default="", help="also write the markdown table here, and each draw's accuracy as "
+                                              "JSON beside it (the same name, .json)")
     args = ap.parse_args(argv)
     import torch
     from threadpoolctl import threadpool_limits
@@ -145,13 +149,15 @@ def main(argv=None) -> None:
     threadpool_limits(args.threads)
     t0 = time.time()
     budgets = tuple(None if b == "all" else int(b) for b in args.budgets.split(","))
-    table = markdown(run(args.backbone or list(DEFAULT_BACKBONES), args.seeds, args.C, budgets,
-                         tuple(args.datasets.split(",")), args.stats))
+    rows = run(args.backbone or list(DEFAULT_BACKBONES), args.seeds, args.C, budgets,
+               tuple(args.datasets.split(",")), args.stats)
+    table = markdown(rows)
     print(table)
     print(f"\n({time.time() - t0:.0f}s; test accuracy, mean ± std over {args.seeds} seeds, "
           f"logistic regression C={args.C} on standardised features)")
-    if args.out:
+    if args.out:  # the table, and beside it every draw's accuracy (for paired comparisons between backbones)
         Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows) + "\n")
 
 
 if __name__ == "__main__":
