@@ -21,7 +21,7 @@ from .config import Settings
 log = logging.getLogger(__name__)
 
 # the small backbones shipped in the package (peal_backend/backbones/<name>/), by name
-PACKAGED_BACKBONES = {name: Path(__file__).parent / "backbones" / name for name in ("peal-mini", "peal-mini-2", "peal-mini-3")}
+PACKAGED_BACKBONES = {name: Path(__file__).parent / "backbones" / name for name in ("peal-mini", "peal-mini-2", "peal-mini-3", "peal-mini-4")}
 
 
 class BackboneLoadError(RuntimeError):

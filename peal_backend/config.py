@@ -46,9 +46,9 @@ class Settings:
 
     # --- Model ---------------------------------------------------------------------------------
     backbone: str = _env("PEAL_BACKBONE", "facebook/dinov2-small",
-                         "DINOv2 backbone: a hub id, a local folder saved with save_pretrained, or `peal-mini-3` / "
-                         "`peal-mini-2` / `peal-mini` (small backbones shipped in the package, work offline; peal-mini-3 "
-                         "recommended).")
+                         "DINOv2 backbone: a hub id, a local folder saved with save_pretrained, or `peal-mini-4` / "
+                         "`peal-mini-3` / `peal-mini-2` / `peal-mini` (small backbones shipped in the package, work "
+                         "offline; peal-mini-4 recommended).")
     adapter: str = _env("PEAL_ADAPTER", "lora", "How the backbone is adapted: lora, linear (probe, frozen backbone) or prompt (visual prompt tuning).",
                         str, ("lora", "linear", "prompt"))
     lora_rank: int = _env("PEAL_LORA_RANK", 8, "LoRA rank r.", int)

@@ -13,7 +13,7 @@ initialised model shaped as the first backbone. With --stats, a reference column
 9 global intensity statistics of that input (peal_backend.backbones.image_stats: per-channel mean, std and
 central mean), to show how much of a set's signal is global colour and brightness.
 
-    python scripts/transfer_probe.py                                   # peal-mini-3 and peal-mini-2
+    python scripts/transfer_probe.py                                   # peal-mini-4 and peal-mini-3
     python scripts/transfer_probe.py --backbone /tmp/ckpt --out report.md
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from peal_backend.simulate import load_dataset  # noqa: E402
 DATASETS = ("retinamnist", "pneumoniamnist", "fashion-mnist")
 TRAIN_LIMIT = {"fashion-mnist": 10_000}  # the pool labels are drawn from; the test split is whole
 BUDGETS = (20, 50, 200)  # None: all train labels
-DEFAULT_BACKBONES = ("peal-mini-3", "peal-mini-2")
+DEFAULT_BACKBONES = ("peal-mini-4", "peal-mini-3")
 REFERENCES = ("random init", "pixels", "intensity stats")  # the columns that are not backbones
 
 

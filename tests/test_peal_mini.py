@@ -1,6 +1,6 @@
-"""peal-mini, peal-mini-2 and peal-mini-3, the backbones shipped in the package: they load, have their
+"""peal-mini, peal-mini-2, peal-mini-3 and peal-mini-4, the backbones shipped in the package: they load, have their
 advertised shape and provenance, and their frozen features carry information that a randomly initialised
-twin's (and, for peal-mini-2 and peal-mini-3 on chest X-rays, raw pixels) do not."""
+twin's (and, for the contrastive ones on chest X-rays, raw pixels) do not."""
 from __future__ import annotations
 
 import hashlib
@@ -92,11 +92,12 @@ def test_features_separate_retinopathy_better_than_random_twin(model):
 
 
 @pytest.mark.skipif(not PNEUMONIA.exists(), reason=f"{PNEUMONIA} not present")
-@pytest.mark.parametrize("name", ["peal-mini-2", "peal-mini-3"])
+@pytest.mark.parametrize("name", ["peal-mini-2", "peal-mini-3", "peal-mini-4"])
 def test_separates_pneumonia_better_than_pixels(name):
     """The transfer probe's protocol (scripts/transfer_probe.py) at 50 labels, 20 labelled draws: logistic
     regression on the backbone's frozen features beats it on the raw pixels the backend would feed, paired
-    draw by draw (BENCHMARKS.md: peal-mini-2 +0.031 ± 0.019 over 20 draws, peal-mini-3 +0.070 ± 0.028 over 10)."""
+    draw by draw (BENCHMARKS.md: peal-mini-2 +0.031 ± 0.019 over 20 draws, peal-mini-3 +0.070 ± 0.028 and
+    peal-mini-4 +0.067 ± 0.025 over 10)."""
     from scripts.transfer_probe import draw_labelled, probe_accuracy
 
     torch.set_num_threads(1)
