@@ -7,7 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["queue_order", "queue_order_peal_mini_2", "peal_mini", "head_fit", "pool_scoring", "rescore", "sharded_scoring", "predict_latency",
+# the backbones newest first, after the headline grids; raw tables in sub-folders (transfer_probe/) are not sections
+ORDER = ["queue_order", "queue_order_peal_mini_2", "backbone_peal_mini_4", "queue_order_peal_mini_4",
+         "backbone_peal_mini_3", "queue_order_peal_mini_3", "peal_mini", "head_fit", "pool_scoring", "rescore", "sharded_scoring", "predict_latency",
          "selection", "load"]
 INTRO = """# Benchmarks
 
@@ -19,7 +21,8 @@ assembled from `benchmarks/results/*.md` by `python -m benchmarks.collect`.
 """
 
 
-def main() -> None:
+def assemble() -> str:
+    """BENCHMARKS.md's text: the intro, a contents line, then each results file as a section."""
     parts = [INTRO]
     names = [n for n in ORDER if (RESULTS / f"{n}.md").exists()]
     names += sorted(p.stem for p in RESULTS.glob("*.md") if p.stem not in ORDER)
@@ -35,7 +38,11 @@ def main() -> None:
         # links relative to benchmarks/results/ become relative to the repository root
         text = re.sub(r"\]\((?!https?:|#|/|benchmarks/)", "](benchmarks/results/", text)
         parts.append(f'<a id="{name}"></a>\n\n{text}\n')
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    return "\n".join(parts)
+
+
+def main() -> None:
+    (ROOT / "BENCHMARKS.md").write_text(assemble())
 
 
 if __name__ == "__main__":
