@@ -91,30 +91,39 @@ def test_features_separate_retinopathy_better_than_random_twin(model):
 
 
 
+def _load(path: Path):
+    """(train images, train labels, all images: train then test, test labels) of a shared .npz set."""
+    with np.load(path) as d:
+        tr_x, tr_y = d["train_images"], d["train_labels"].ravel()
+        te_x, te_y = d["test_images"], d["test_labels"].ravel()
+    return tr_y, np.concatenate([tr_x, te_x]), te_y
+
+
+def _paired_gain_over_pixels(feats: np.ndarray, pixels: np.ndarray, tr_y, te_y, budget=50, draws=20):
+    """The transfer probe's protocol (scripts/transfer_probe.py): per labelled draw, logistic-regression test
+    accuracy on `feats` minus that on `pixels` (rows: train images, then test images)."""
+    from scripts.transfer_probe import draw_labelled, probe_accuracy
+
+    n, diffs = len(tr_y), []
+    for seed in range(draws):
+        idx = draw_labelled(tr_y, budget, seed)
+        diffs.append(probe_accuracy(feats[:n][idx], tr_y[idx], feats[n:], te_y)
+                     - probe_accuracy(pixels[:n][idx], tr_y[idx], pixels[n:], te_y))
+    return np.asarray(diffs)
+
+
 @pytest.mark.skipif(not PNEUMONIA.exists(), reason=f"{PNEUMONIA} not present")
 @pytest.mark.parametrize("name", ["peal-mini-2", "peal-mini-3", "peal-mini-4"])
 def test_separates_pneumonia_better_than_pixels(name):
-    """The transfer probe's protocol (scripts/transfer_probe.py) at 50 labels, 20 labelled draws: logistic
-    regression on the backbone's frozen features beats it on the raw pixels the backend would feed, paired
-    draw by draw (BENCHMARKS.md: peal-mini-2 +0.031 ± 0.019 over 20 draws, peal-mini-3 +0.070 ± 0.028 and
-    peal-mini-4 +0.067 ± 0.025 over 10)."""
-    from scripts.transfer_probe import draw_labelled, probe_accuracy
-
+    """At 50 labels, 20 labelled draws: logistic regression on the backbone's frozen features beats it on
+    the raw pixels the backend would feed, paired draw by draw (BENCHMARKS.md: peal-mini-2 +0.031 ± 0.019
+    over 20 draws, peal-mini-3 +0.070 ± 0.028 and peal-mini-4 +0.067 ± 0.025 over 10)."""
     torch.set_num_threads(1)
     model = Dinov2Model.from_pretrained(PACKAGED_BACKBONES[name], dtype=torch.float32)
-    with np.load(PNEUMONIA) as d:
-        tr_x, tr_y = d["train_images"], d["train_labels"].ravel()
-        te_x, te_y = d["test_images"], d["test_labels"].ravel()
-    images = np.concatenate([tr_x, te_x])
-    feats = {"backbone": cls_mean_features(model, images),
-             "pixels": to_pixel_values(images, model.config.image_size).flatten(1).numpy()}
-    n = len(tr_y)
-    diffs = []
-    for seed in range(20):
-        idx = draw_labelled(tr_y, 50, seed)
-        acc = {k: probe_accuracy(f[:n][idx], tr_y[idx], f[n:], te_y) for k, f in feats.items()}
-        diffs.append(acc["backbone"] - acc["pixels"])
-    assert np.mean(diffs) > 0.01 and np.mean(np.asarray(diffs) > 0) > 0.6, diffs
+    tr_y, images, te_y = _load(PNEUMONIA)
+    pixels = to_pixel_values(images, model.config.image_size).flatten(1).numpy()
+    diffs = _paired_gain_over_pixels(cls_mean_features(model, images), pixels, tr_y, te_y)
+    assert diffs.mean() > 0.01 and (diffs > 0).mean() > 0.6, diffs
 
 
 @pytest.mark.skipif(not RETINA.exists(), reason=f"{RETINA} not present")
@@ -122,18 +131,9 @@ def test_retina_grading_lives_in_global_intensity_statistics():
     """Why RetinaMNIST is the hard cell for a backbone: logistic regression on the 9 global intensity
     statistics of the input (image_stats, the transfer probe's --stats column and the pretraining's
     --stats-weight targets) beats it on all 2,352 input pixels at 50 labels, paired over 20 draws."""
-    from scripts.transfer_probe import draw_labelled, probe_accuracy
-
-    with np.load(RETINA) as d:
-        tr_x, tr_y = d["train_images"], d["train_labels"].ravel()
-        te_x, te_y = d["test_images"], d["test_labels"].ravel()
-    pixels = to_pixel_values(np.concatenate([tr_x, te_x]), 28)
-    feats = {"stats": image_stats(pixels).numpy(), "pixels": pixels.flatten(1).numpy()}
-    assert feats["stats"].shape == (len(pixels), 9)
-    n = len(tr_y)
-    diffs = []
-    for seed in range(20):
-        idx = draw_labelled(tr_y, 50, seed)
-        acc = {k: probe_accuracy(f[:n][idx], tr_y[idx], f[n:], te_y) for k, f in feats.items()}
-        diffs.append(acc["stats"] - acc["pixels"])
-    assert np.mean(diffs) > 0.01 and np.mean(np.asarray(diffs) > 0) > 0.6, diffs
+    tr_y, images, te_y = _load(RETINA)
+    pixels = to_pixel_values(images, 28)
+    stats = image_stats(pixels).numpy()
+    assert stats.shape == (len(images), 9)
+    diffs = _paired_gain_over_pixels(stats, pixels.flatten(1).numpy(), tr_y, te_y)
+    assert diffs.mean() > 0.01 and (diffs > 0).mean() > 0.6, diffs
