@@ -443,9 +443,7 @@ def train(args) -> None:
 
     config = make_config(args)
     use_pixel = args.objective == "pixel" or args.pixel_weight > 0
-    use_stats = getattr(args, "stats_weight", 0.0) > 0
-    if use_stats and args.objective != "contrastive":
-        raise SystemExit("--stats-weight needs --objective contrastive")
+    use_stats = args.stats_weight > 0
     student = Network(Dinov2Model(config), args.out_dim, pixel=use_pixel, stats=use_stats)
     init = {}
     if args.init_from:  # continue from an earlier stage's backbone (e.g. masked pixel prediction first)
@@ -706,6 +704,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.stop_at >= 0 and not args.checkpoint_dir:
         ap.error("--stop-at needs --checkpoint-dir: the training state it stops with is saved there")
+    if args.stats_weight > 0 and args.objective != "contrastive":
+        ap.error("--stats-weight needs --objective contrastive")
     return args
 
 

@@ -92,7 +92,7 @@ def test_features_separate_retinopathy_better_than_random_twin(model):
 
 
 def _load(path: Path):
-    """(train images, train labels, all images: train then test, test labels) of a shared .npz set."""
+    """(train labels, all images: train then test, test labels) of a shared .npz set."""
     with np.load(path) as d:
         tr_x, tr_y = d["train_images"], d["train_labels"].ravel()
         te_x, te_y = d["test_images"], d["test_labels"].ravel()
